@@ -1,0 +1,1 @@
+"""Quantization: formats, the lab's QuantizedVector and LLM.int8(), whole-model methods, QAT and real kernels."""

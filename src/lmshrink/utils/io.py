@@ -1,0 +1,114 @@
+"""Atomic file and directory writes: a crash or a kill never leaves a half-written file under the final name."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lmshrink.errors import LmshrinkError
+
+
+def _check_writable_parent(path: Path) -> None:
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LmshrinkError(f"cannot create output directory {parent}: {exc.strerror or exc}") from exc
+    if not os.access(parent, os.W_OK):
+        raise LmshrinkError(f"no write permission for {parent}; choose a writable output location")
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry so a rename survives power loss (best effort on filesystems without it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed over ``path``, on error removed.
+
+    >>> with atomic_path("/tmp/x.bin") as tmp:
+    ...     _ = tmp.write_bytes(b"data")
+    """
+    final = Path(path)
+    _check_writable_parent(final)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
+    """Build a directory under a temporary name and move it into place only when complete.
+
+    An existing directory at ``path`` is replaced only after the new one is fully written, so an interrupted
+    save leaves the previous version intact.
+    """
+    final = Path(path)
+    if final.exists() and not final.is_dir():
+        raise LmshrinkError(f"output path {final} exists and is not a directory")
+    if final.exists() and not overwrite:
+        raise LmshrinkError(f"output directory {final} already exists; pass overwrite=True to replace it")
+    _check_writable_parent(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def directory_size(path: str | os.PathLike[str]) -> int:
+    """Bytes of all regular files below ``path`` (or of the file itself)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
