@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-DATA_DIR = Path(os.environ.get("LMSHRINK_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+DATA_DIR = Path(
+    os.environ.get("LMSHRINK_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+)
 os.environ.setdefault("LMSHRINK_DATA", str(DATA_DIR.resolve()))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -28,8 +30,14 @@ def tiny_llama():
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -41,7 +49,12 @@ def tiny_bert():
 
     torch.manual_seed(0)
     cfg = BertConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
-        max_position_embeddings=128, num_labels=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=128,
+        max_position_embeddings=128,
+        num_labels=2,
     )
     return BertForSequenceClassification(cfg).eval()

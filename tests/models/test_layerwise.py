@@ -28,6 +28,9 @@ def test_layerwise_identity_reproduces_full_forward(tiny_llama):
 def test_layerwise_bert(tiny_bert):
     ids = torch.randint(0, 128, (2, 12))
     count = []
-    run_layerwise(tiny_bert, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}],
-                  lambda i, b, inp: count.append(inp[0].hidden.shape))
+    run_layerwise(
+        tiny_bert,
+        [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}],
+        lambda i, b, inp: count.append(inp[0].hidden.shape),
+    )
     assert count == [torch.Size([2, 12, 64])] * 2

@@ -3,7 +3,13 @@ import torch
 
 from lmshrink.errors import LmshrinkError
 from lmshrink.quantization.grid import (
-    IntGrid, compute_qparams, dequantize_codes, fake_quantize, pack_int4, quantize_codes, unpack_int4,
+    IntGrid,
+    compute_qparams,
+    dequantize_codes,
+    fake_quantize,
+    pack_int4,
+    quantize_codes,
+    unpack_int4,
 )
 
 

@@ -27,7 +27,14 @@ LAYER_PATHS: tuple[str, ...] = (
 )
 
 #: Default skip patterns for compression: embeddings, the LM head and classifier heads stay in float.
-DEFAULT_SKIP: tuple[str, ...] = (r"(^|\.)lm_head$", r"embed", r"(^|\.)wte$", r"(^|\.)wpe$", r"classifier", r"pooler")
+DEFAULT_SKIP: tuple[str, ...] = (
+    r"(^|\.)lm_head$",
+    r"embed",
+    r"(^|\.)wte$",
+    r"(^|\.)wpe$",
+    r"classifier",
+    r"pooler",
+)
 
 
 def _get_attr_path(root: nn.Module, path: str) -> nn.Module | None:
@@ -67,7 +74,7 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def linear_weight_oi(module: nn.Module) -> "nn.Parameter":
+def linear_weight_oi(module: nn.Module) -> nn.Parameter:
     """The weight of a linear layer; note ``Conv1D`` stores it as (in, out), ``nn.Linear`` as (out, in)."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, nn.Parameter):

@@ -13,6 +13,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,10 +76,8 @@ def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Ten
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
-            try:
+            with contextlib.suppress(_StopForward):
                 model(**batch)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     return captured

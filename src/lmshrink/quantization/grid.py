@@ -32,7 +32,9 @@ class IntGrid:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise LmshrinkError(f"bits must be an integer in [2, 8], got {self.bits!r}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 0):
-            raise LmshrinkError(f"group_size must be None (per-channel), 0 (per-tensor) or > 0, got {self.group_size!r}")
+            raise LmshrinkError(
+                f"group_size must be None (per-channel), 0 (per-tensor) or > 0, got {self.group_size!r}"
+            )
 
     @property
     def qmin(self) -> int:
