@@ -33,6 +33,7 @@ from lmshrink.models.gguf import drop_cache_entry, ensure_gguf_converted
 from lmshrink.models.reference import REFERENCE_MODELS, resolve_reference
 from lmshrink.models.save import MANIFEST_NAME, TASK_AUTO_CLASSES, resolve_handler, task_of
 from lmshrink.utils.env import resolve_device
+from lmshrink.utils.resources import check_device, check_load_memory
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +278,7 @@ def _load_path(
     allow_pickle: bool,
     num_labels: int | None,
 ) -> tuple[nn.Module, Any]:
+    check_load_memory(p, dtype, device)  # clear error before loading when the weights cannot fit
     if p.is_file():
         if p.suffix.lower() == ".gguf":
             return _load_gguf(p, task=task, dtype=dtype, num_labels=num_labels)
@@ -362,6 +364,7 @@ def load_model(
     """
     torch_dtype = resolve_dtype(dtype)
     task = normalize_task(task)
+    check_device(device)  # CUDA asked and absent: fail before loading anything
     text = os.fspath(spec)
     if not text.strip():
         raise ModelLoadError("empty model spec; " + _accepted())

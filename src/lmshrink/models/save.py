@@ -20,6 +20,7 @@ from lmshrink.errors import LmshrinkError, ModelLoadError
 from lmshrink.models.arch import count_parameters
 from lmshrink.utils.env import now_iso
 from lmshrink.utils.io import atomic_directory, atomic_write_json
+from lmshrink.utils.resources import check_save_disk
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def save_model(
         "has_tokenizer": tokenizer is not None,
     }
     out = Path(out_dir)
+    check_save_disk(model, out)  # clear error before writing when the disk is too full
     with atomic_directory(out, overwrite=overwrite) as tmp:
         if fmt == "dense":
             if not hasattr(model, "save_pretrained"):

@@ -73,20 +73,59 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_directory(path: str | os.PathLike[str]) -> None:
+    """Repair what an interrupted :func:`atomic_directory` left beside ``path``.
+
+    A kill between moving the previous version aside and moving the new one in leaves no directory under the
+    final name: the previous version is moved back. Temporary directories of writers that are no longer running
+    are removed (they are incomplete by construction).
+    """
+    final = Path(path)
+    parent = final.parent
+    if not parent.is_dir():
+        return
+    backups = sorted(parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    for old in backups:
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _pid_alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        if not final.exists():
+            os.replace(old, final)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in parent.glob(f".{final.name}.*.tmp"):
+        pid = tmp.name[len(final.name) + 2 :].split(".", 1)[0]
+        if tmp.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
     """Build a directory under a temporary name and move it into place only when complete.
 
     An existing directory at ``path`` is replaced only after the new one is fully written, so an interrupted
-    save leaves the previous version intact.
+    save leaves the previous version intact (a kill inside the final swap is repaired by
+    :func:`recover_directory`, which runs first on every call). Temporary names carry the writer's pid so that
+    leftovers of killed writers are cleaned up.
     """
     final = Path(path)
     if final.exists() and not final.is_dir():
         raise LmshrinkError(f"output path {final} exists and is not a directory")
+    _check_writable_parent(final)
+    recover_directory(final)
     if final.exists() and not overwrite:
         raise LmshrinkError(f"output directory {final} already exists; pass overwrite=True to replace it")
-    _check_writable_parent(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
         for f in tmp.rglob("*"):
