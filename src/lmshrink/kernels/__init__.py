@@ -1,1 +1,18 @@
-"""lmshrink.kernels"""
+"""Low-precision kernels: CPU (fbgemm int8, per-token dynamic activations) and CUDA (int8, FP8, int4 weight-only).
+
+Only formats listed here run on a real low-precision kernel; everything else dequantizes on the fly and claims no
+speed (``QuantLinear.kernel_name`` says which).
+"""
+
+from __future__ import annotations
+
+#: Kernel names a :class:`lmshrink.quantization.linear.QuantLinear` may report.
+KERNEL_NAMES = (
+    "fbgemm-int8-dynamic-per-token",  # CPU: int8 weights per channel, int8 activations per token
+    "int8-per-token-fbgemm+amx",  # CPU with AMX-INT8: fbgemm for M < 32 rows, torch._int_mm (oneDNN AMX) above
+    "fbgemm-int8-dynamic-per-token+fp32-outliers",  # CPU: LLM.int8() decomposition
+    "cuda-int8-mm",  # CUDA: torch._int_mm, column-major weight
+    "cuda-int4-weight-only",  # CUDA: torch._weight_int4pack_mm
+    "cuda-fp8-scaled-mm",  # CUDA: torch._scaled_mm
+    "dequantize-on-the-fly",  # no low-precision kernel: decode weights to float every call (no speed claim)
+)

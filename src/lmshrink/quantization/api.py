@@ -1,0 +1,159 @@
+"""``quantize_model``: the one entry point for whole-model quantization.
+
+A registry maps each method to its handler (``"module:function"``, imported when used). Every handler receives the
+model, the validated :class:`QuantConfig`, the selected ``(name, module)`` linear layers and the calibration batches,
+and swaps the layers for :class:`~lmshrink.quantization.linear.QuantLinear` modules. Calibrated methods run block by
+block (:func:`for_each_block`) so memory stays near one block's worth beyond the model.
+
+>>> from transformers import LlamaConfig, LlamaForCausalLM
+>>> m = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+...     num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+>>> m = quantize_model(m, QuantConfig(method="rtn", format="int4", group_size=16))
+>>> type(m.model.layers[0].mlp.down_proj).__name__, m.lmshrink_format
+('QuantLinear', 'quantized')
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmshrink.errors import LmshrinkError, NumericsError
+from lmshrink.models.arch import find_layers, select_linears
+from lmshrink.models.layerwise import BlockInput, run_block, run_layerwise
+from lmshrink.quantization.config import QuantConfig
+from lmshrink.quantization.linear import linear_weight_and_bias
+
+log = logging.getLogger(__name__)
+
+Batches = Sequence[dict[str, torch.Tensor]]
+Layers = list[tuple[str, nn.Module]]
+Handler = Callable[[nn.Module, QuantConfig, Layers, Batches | None], None]
+
+#: method -> handler, as "module:function" (imported on use; no import-time side effects).
+METHOD_HANDLERS: dict[str, str] = {
+    "rtn": "lmshrink.quantization.rtn:quantize_rtn",
+    "llm-int8": "lmshrink.quantization.rtn:quantize_llm_int8",
+    "gptq": "lmshrink.quantization.gptq:quantize_gptq",
+    "awq": "lmshrink.quantization.awq:quantize_awq",
+    "smoothquant": "lmshrink.quantization.smoothquant:quantize_smoothquant",
+}
+
+
+def get_handler(method: str) -> Handler:
+    """The handler registered for ``method``."""
+    if method not in METHOD_HANDLERS:
+        raise LmshrinkError(f"unknown method {method!r}; accepted: {', '.join(METHOD_HANDLERS)}")
+    module, _, func = METHOD_HANDLERS[method].partition(":")
+    handler: Handler = getattr(importlib.import_module(module), func)
+    return handler
+
+
+def _validate(model: nn.Module, config: QuantConfig, calibration: Batches | None) -> Layers:
+    layers = list(select_linears(model, config.targets, config.skip))
+    if not layers:
+        raise LmshrinkError(
+            f"no linear layers match targets {config.targets} outside skip {config.skip}; "
+            f"check the patterns against the names in model.named_modules()"
+        )
+    gs = config.group_size
+    in_dims = {n: linear_weight_and_bias(m)[0].shape[1] for n, m in layers}
+    bad = [f"{n} (in={k})" for n, k in in_dims.items() if gs and k % gs]
+    if bad:
+        raise LmshrinkError(
+            f"group size {gs} does not divide the input dimension of {len(bad)} layer(s): {', '.join(bad[:5])}; "
+            f"choose a divisor of every input dimension"
+        )
+    for name, mod in layers:
+        w, b = linear_weight_and_bias(mod)
+        if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
+            raise NumericsError(f"layer {name!r} has NaN or Inf weights; quantization needs finite weights")
+    if config.needs_calibration and (calibration is None or len(calibration) == 0):
+        raise LmshrinkError(
+            f"method {config.method!r} needs calibration data: pass a non-empty list of batches "
+            f"(lmshrink.data.calibration_batches)"
+        )
+    spec = config.weight_spec()
+    if not spec.is_integer:
+        from lmshrink.quantization.linear import _get_codec
+
+        _get_codec(spec.format)
+    return layers
+
+
+def quantize_model(
+    model: nn.Module, config: QuantConfig | dict[str, Any], calibration: Batches | None = None
+) -> nn.Module:
+    """Quantize ``model`` in place with ``config`` and return it (``model.lmshrink_format = "quantized"``).
+
+    Everything is validated before any layer changes (formats, group sizes, finite weights, calibration), so a
+    failure leaves the model untouched. ``calibration``: batches like ``{"input_ids": LongTensor (1, L)}``.
+    """
+    cfg = config if isinstance(config, QuantConfig) else QuantConfig(**config)
+    layers = _validate(model, cfg, calibration)
+    handler = get_handler(cfg.method)
+    log.info("quantizing %d linear layers with %s/%s", len(layers), cfg.method, cfg.format)
+    with torch.no_grad():
+        handler(model, cfg, layers, calibration)
+    model.lmshrink_format = "quantized"  # type: ignore[assignment]
+    model.lmshrink_quant_config = cfg.model_dump(mode="json")  # type: ignore[assignment]
+    return model
+
+
+# ---- orchestration shared by the calibrated methods -----------------------------------------------------------
+BlockLayers = list[tuple[str, str, nn.Module]]  # (full name, name inside the block, module)
+ProcessBlock = Callable[[int, nn.Module, BlockLayers, list[BlockInput]], None]
+
+
+def for_each_block(
+    model: nn.Module, layers: Layers, calibration: Batches, process: ProcessBlock, propagate: bool = True
+) -> Layers:
+    """Run ``process(index, block, block_layers, inputs)`` for each transformer block holding selected layers.
+
+    Returns the selected layers that sit outside every block (the caller quantizes those without calibration).
+    """
+    path, blocks = find_layers(model)
+    by_block: dict[int, BlockLayers] = {}
+    outside: Layers = []
+    for name, mod in layers:
+        prefix = f"{path}."
+        idx, _, rel = name[len(prefix) :].partition(".") if name.startswith(prefix) else ("", "", "")
+        if idx.isdigit() and rel:
+            by_block.setdefault(int(idx), []).append((name, rel, mod))
+        else:
+            outside.append((name, mod))
+
+    def _process(index: int, block: nn.Module, inputs: list[BlockInput]) -> None:
+        if index in by_block:
+            log.info("block %d/%d: %d layers", index + 1, len(blocks), len(by_block[index]))
+            process(index, block, by_block[index], inputs)
+
+    run_layerwise(model, calibration, _process, propagate_transformed=propagate)
+    return outside
+
+
+def feed_inputs(
+    block: nn.Module,
+    modules: dict[str, nn.Module],
+    inputs: list[BlockInput],
+    on_input: Callable[[str, torch.Tensor], None],
+) -> None:
+    """Run ``block`` over ``inputs`` once, calling ``on_input(name, x2d)`` with each watched module's input."""
+    handles = []
+    for name, mod in modules.items():
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            x = args[0].detach()
+            on_input(name, x.reshape(-1, x.shape[-1]).float())
+
+        handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()

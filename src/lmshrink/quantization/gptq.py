@@ -1,0 +1,170 @@
+"""GPTQ (Frantar et al. 2022), after IST-DASLab's ``gptq.py``: quantize columns one at a time and spread each
+column's rounding error over the not-yet-quantized columns using the inverse Hessian ``H = 2 X X^T``.
+
+The math is a pure :func:`accumulate_hessian` plus one small stateful object per layer (:class:`GPTQ`:
+``add_batch`` then ``quantize``); :func:`quantize_gptq` is the block-by-block orchestration.
+
+Groups: without act-order, each group's scale/zero is computed from the already error-corrected weights when the
+loop reaches it (the original algorithm). With act-order, groups are *static*: computed from the original weights in
+the original column order before the permuted loop, so group ``g`` still means columns ``[g*k, (g+1)*k)`` and the
+stored layout needs no permutation index.
+
+>>> import torch
+>>> from lmshrink.quantization.grid import IntGrid
+>>> g = GPTQ(torch.randn(8, 32))
+>>> g.add_batch(torch.randn(64, 32))
+>>> codes, scale, zero = g.quantize(IntGrid(4, True, 16))
+>>> tuple(codes.shape), tuple(scale.shape)
+((8, 32), (8, 2))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from lmshrink.errors import NumericsError
+from lmshrink.models.arch import set_submodule
+from lmshrink.models.layerwise import BlockInput
+from lmshrink.quantization.api import Batches, BlockLayers, feed_inputs, for_each_block
+from lmshrink.quantization.config import QuantConfig
+from lmshrink.quantization.grid import IntGrid, compute_qparams
+from lmshrink.quantization.linear import QuantLinear, linear_weight_and_bias
+
+log = logging.getLogger(__name__)
+
+
+def accumulate_hessian(inp: torch.Tensor, h: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """Running mean of ``2 x x^T`` over rows of ``inp`` (..., K): returns the updated ``(H, n_rows)``."""
+    x = inp.reshape(-1, inp.shape[-1]).float()
+    m = x.shape[0]
+    h = h * (n / (n + m))
+    n += m
+    x = math.sqrt(2.0 / n) * x
+    return h + x.t() @ x, n
+
+
+def _round_scale(scale: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+    # grouped scales are stored in float16: quantize against exactly what will be stored
+    return scale.to(torch.float16).float() if grid.group_size is not None else scale
+
+
+class GPTQ:
+    """Per-layer GPTQ state: the float weight (N, K) and the Hessian of its inputs."""
+
+    def __init__(self, weight: torch.Tensor, name: str = "layer") -> None:
+        self.weight = weight.detach().float().clone()
+        self.name = name
+        k = self.weight.shape[1]
+        self.h = torch.zeros(k, k, dtype=torch.float32, device=weight.device)
+        self.n = 0
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """Accumulate the inputs (..., K) of one calibration batch."""
+        self.h, self.n = accumulate_hessian(inp, self.h, self.n)
+
+    def _inverse_cholesky(self, h: torch.Tensor, percdamp: float) -> torch.Tensor:
+        damp = percdamp * torch.mean(torch.diag(h))
+        eye = torch.eye(h.shape[0], device=h.device)
+        for attempt in range(6):
+            try:
+                chol = torch.linalg.cholesky(h + damp * (10**attempt) * eye)
+                hinv = torch.cholesky_inverse(chol)
+                return torch.linalg.cholesky(hinv, upper=True)
+            except RuntimeError:
+                log.warning("%s: Hessian not positive definite, raising damping", self.name)
+        raise NumericsError(f"layer {self.name!r}: Hessian is not positive definite even with large damping")
+
+    def quantize(
+        self, grid: IntGrid, blocksize: int = 128, percdamp: float = 0.01, actorder: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return integer codes (N, K) in the original column order and ``scale``/``zero`` (N, n_groups)."""
+        w = self.weight.clone()
+        n_rows, k = w.shape
+        h = self.h.clone()
+        if not torch.isfinite(h).all():
+            raise NumericsError(f"layer {self.name!r}: calibration activations contain NaN or Inf")
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+        gs = grid.group_size
+        per_channel = IntGrid(grid.bits, grid.symmetric, None)
+        if gs is None or actorder:  # per-channel, or static groups (computed before permuting)
+            scale, zero = compute_qparams(w, grid)
+            scale = _round_scale(scale, grid)
+        else:
+            n_groups = k // gs
+            scale = torch.empty(n_rows, n_groups, device=w.device)
+            zero = torch.empty(n_rows, n_groups, device=w.device)
+        perm = torch.arange(k, device=w.device)
+        if actorder:
+            perm = torch.argsort(torch.diag(h), descending=True)
+            w, h = w[:, perm], h[perm][:, perm]
+        hinv = self._inverse_cholesky(h, percdamp)
+        codes = torch.zeros(n_rows, k, dtype=torch.int16, device=w.device)
+        for i1 in range(0, k, blocksize):
+            i2 = min(i1 + blocksize, k)
+            w1 = w[:, i1:i2].clone()
+            err1 = torch.zeros_like(w1)
+            hinv1 = hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = int(perm[i1 + i])
+                if gs is not None and not actorder and col % gs == 0:  # dynamic group: fit on updated weights
+                    s, z = compute_qparams(_cols(w, w1, i1, i, gs), per_channel)
+                    scale[:, col // gs], zero[:, col // gs] = _round_scale(s, grid).flatten(), z.flatten()
+                g = 0 if gs is None else col // gs
+                s_col, z_col = scale[:, g], zero[:, g]
+                wcol = w1[:, i]
+                q = torch.clamp(torch.round(wcol / s_col) + z_col, grid.qmin, grid.qmax)
+                codes[:, i1 + i] = q.to(torch.int16)
+                deq = (q - z_col) * s_col
+                e = (wcol - deq) / hinv1[i, i]
+                w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+                err1[:, i] = e
+            w[:, i1:i2] = w1
+            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        if actorder:
+            codes = codes[:, torch.argsort(perm)]
+        return codes, scale, zero
+
+
+def _cols(w: torch.Tensor, w1: torch.Tensor, i1: int, i: int, gs: int) -> torch.Tensor:
+    """Columns [i1+i, i1+i+gs) of the working weight: the part inside the current block comes from ``w1``."""
+    inside = w1[:, i : i + gs]
+    rest = gs - inside.shape[1]
+    return (
+        inside if rest == 0 else torch.cat([inside, w[:, i1 + w1.shape[1] : i1 + w1.shape[1] + rest]], dim=1)
+    )
+
+
+def quantize_gptq(
+    model: nn.Module, config: QuantConfig, layers: list[tuple[str, nn.Module]], calibration: Batches | None
+) -> None:
+    """Handler for ``method="gptq"``: block by block, Hessians from the block's calibration inputs."""
+    assert calibration is not None  # checked by quantize_model
+    spec = config.weight_spec()
+    grid = IntGrid(spec.bits, spec.symmetric, spec.group_size)
+
+    def process(_index: int, block: nn.Module, block_layers: BlockLayers, inputs: list[BlockInput]) -> None:
+        states = {rel: GPTQ(linear_weight_and_bias(mod)[0], full) for full, rel, mod in block_layers}
+        feed_inputs(
+            block, {rel: mod for _, rel, mod in block_layers}, inputs, lambda r, x: states[r].add_batch(x)
+        )
+        for _full, rel, mod in block_layers:
+            codes, scale, zero = states[rel].quantize(grid, config.block_size, config.damp, config.act_order)
+            bias = linear_weight_and_bias(mod)[1]
+            q = QuantLinear.from_codes(codes, scale, zero, spec, bias, act=config.act_mode)
+            set_submodule(block, rel, q.to(codes.device))
+            del states[rel]
+
+    outside = for_each_block(model, layers, calibration, process)
+    if outside:
+        from lmshrink.quantization.rtn import quantize_rtn
+
+        log.warning(
+            "%d layers outside the transformer blocks get RTN: %s", len(outside), [n for n, _ in outside]
+        )
+        quantize_rtn(model, config, outside)

@@ -1,0 +1,382 @@
+"""``QuantLinear``: a linear layer holding real packed low-precision storage, with a real kernel where one is fast.
+
+Storage (all buffers, saved as they are):
+
+* int8 per channel, symmetric: ``qweight`` int8 (N, K), ``scale`` float32 (N,): runs on fbgemm (CPU) / ``_int_mm``
+  (CUDA) with int8 activations quantized per token when ``act="int8"``.
+* any other integer grid (int2..int8, sym/asym, groups): ``qweight`` uint8 bit-packed codes (N, ceil(K/8) * bits),
+  ``scale`` (N, G) (float16 with groups, float32 per channel), ``zero`` uint8 (N, G) for asymmetric grids.
+* codec formats (nf4, fp8, 1.58bit, ...): the tensors of ``lmshrink.quantization.formats`` under ``c_<name>``.
+* optional ``bias`` (N,) float32 and ``input_scale`` (K,) float32 (an AWQ/SmoothQuant scale that could not be folded;
+  the layer computes ``(x * input_scale) @ W.T``).
+
+``kernel_name`` says what runs for the layer's current device; "dequantize-on-the-fly" means no speed claim.
+
+>>> import torch
+>>> from lmshrink.quantization.config import WeightSpec
+>>> q = QuantLinear.from_weight(torch.randn(8, 16), None, WeightSpec.parse("int4", group_size=8))
+>>> tuple(q.qweight.shape), q.qweight.dtype
+((8, 8), torch.uint8)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmshrink.errors import LmshrinkError
+from lmshrink.kernels import cpu as cpu_kernels
+from lmshrink.kernels import cuda as cuda_kernels
+from lmshrink.quantization.config import WeightSpec
+from lmshrink.quantization.grid import IntGrid, compute_qparams, quantize_codes
+
+ACT_MODES = ("float", "int8")
+_TINYGEMM_GROUPS = (32, 64, 128, 256)
+
+
+# ---- bit packing (pure tensor math) -------------------------------------------------------------------------
+def packed_width(k: int, bits: int) -> int:
+    """Bytes per row for ``k`` codes of ``bits`` bits (rows padded to a multiple of 8 codes)."""
+    return math.ceil(k / 8) * bits
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes (N, K), each < 2**bits, into uint8 (N, ceil(K/8) * bits); code i of a byte-run first."""
+    n, k = codes.shape
+    kp = math.ceil(k / 8) * 8
+    c = F.pad(codes.to(torch.int64), (0, kp - k))
+    if bits == 8:
+        return c.to(torch.uint8)
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte
+        per = 8 // bits
+        c = c.reshape(n, kp // per, per)
+        out = torch.zeros(n, kp // per, dtype=torch.int64)
+        for i in range(per):
+            out |= c[..., i] << (i * bits)
+        return out.to(torch.uint8)
+    c = c.reshape(n, kp // 8, 8)
+    v = torch.zeros(n, kp // 8, dtype=torch.int64)
+    for i in range(8):
+        v |= c[..., i] << (i * bits)
+    return torch.stack([(v >> (8 * j)) & 0xFF for j in range(bits)], dim=-1).reshape(n, -1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 codes (N, K)."""
+    n = packed.shape[0]
+    if bits == 8:
+        return packed[:, :k]
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        per = 8 // bits
+        parts = [(packed >> (i * bits)) & mask for i in range(per)]
+        return torch.stack(parts, dim=-1).reshape(n, -1)[:, :k]
+    b = packed.reshape(n, -1, bits).to(torch.int64)
+    v = torch.zeros(b.shape[:2], dtype=torch.int64, device=packed.device)
+    for j in range(bits):
+        v |= b[..., j] << (8 * j)
+    codes = torch.stack([(v >> (i * bits)) & mask for i in range(8)], dim=-1).reshape(n, -1)[:, :k]
+    return codes.to(torch.uint8)
+
+
+def _get_codec(name: str) -> Any:
+    try:
+        from lmshrink.quantization.formats import get_format
+    except ImportError as exc:
+        raise LmshrinkError(
+            f"format {name!r} needs lmshrink.quantization.formats, which is not available in this install"
+        ) from exc
+    return get_format(name)
+
+
+def _int8_per_channel(spec: WeightSpec) -> bool:
+    return spec.is_integer and spec.bits == 8 and spec.symmetric and spec.group_size is None
+
+
+# ---- the module ---------------------------------------------------------------------------------------------
+class QuantLinear(nn.Module):
+    """A linear layer with packed low-precision weights (see the module docstring for the storage layout)."""
+
+    lmshrink_storage = "quantized"
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bias: torch.Tensor | None
+    input_scale: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: WeightSpec,
+        *,
+        bias: bool = False,
+        act: str = "float",
+        threshold: float | None = None,
+        input_scale: bool = False,
+    ) -> None:
+        super().__init__()
+        if act not in ACT_MODES:
+            raise LmshrinkError(f"activation mode {act!r} unknown; accepted: {', '.join(ACT_MODES)}")
+        if act == "int8" and not _int8_per_channel(spec):
+            raise LmshrinkError("int8 activations need int8 symmetric per-channel weights")
+        if spec.group_size is not None and in_features % spec.group_size:
+            raise LmshrinkError(
+                f"group size {spec.group_size} does not divide the input dimension {in_features}"
+            )
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.act, self.threshold = act, threshold
+        n, k = out_features, in_features
+        groups = 1 if spec.group_size is None else k // spec.group_size
+        if _int8_per_channel(spec):
+            self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8))
+            self.register_buffer("scale", torch.ones(n, dtype=torch.float32))
+        elif spec.is_integer:
+            sdt = torch.float16 if spec.group_size is not None else torch.float32
+            self.register_buffer("qweight", torch.zeros(n, packed_width(k, spec.bits), dtype=torch.uint8))
+            self.register_buffer("scale", torch.ones(n, groups, dtype=sdt))
+            if not spec.symmetric:
+                self.register_buffer("zero", torch.zeros(n, groups, dtype=torch.uint8))
+        else:
+            layout = _get_codec(spec.format).encode(torch.zeros(n, k), group_size=spec.group_size)
+            self._codec_keys = tuple(sorted(layout))
+            for key in self._codec_keys:
+                self.register_buffer(f"c_{key}", torch.zeros_like(layout[key]))
+        self.register_buffer("bias", torch.zeros(n) if bias else None)
+        self.register_buffer("input_scale", torch.ones(k) if input_scale else None)
+        self._cache: dict[str, Any] = {}
+
+    # -- construction
+    @property
+    def grid(self) -> IntGrid:
+        return IntGrid(self.spec.bits, self.spec.symmetric, self.spec.group_size)
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        spec: WeightSpec,
+        bias: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> QuantLinear:
+        """Build from integer codes on ``spec``'s grid (as :func:`lmshrink.quantization.grid.quantize_codes`)."""
+        n, k = codes.shape
+        m = cls(k, n, spec, bias=bias is not None, **kwargs)
+        grid = m.grid
+        with torch.no_grad():
+            if _int8_per_channel(spec):
+                m.qweight.copy_(codes.to(torch.int8))
+                m.scale.copy_(scale.reshape(n))
+            else:
+                m.qweight.copy_(pack_bits((codes.to(torch.int16) - grid.qmin).to(torch.uint8), spec.bits))
+                m.scale.copy_(scale.reshape(m.scale.shape))
+                if not spec.symmetric:
+                    m.zero.copy_(zero.reshape(m.zero.shape).to(torch.uint8))
+            if bias is not None and m.bias is not None:
+                m.bias.copy_(bias.detach().float())
+        return m
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, spec: WeightSpec, **kwargs: Any
+    ) -> QuantLinear:
+        """Round-to-nearest quantization of a float weight (N, K) into packed storage."""
+        w = weight.detach().float()
+        if spec.is_integer:
+            grid = IntGrid(spec.bits, spec.symmetric, spec.group_size)
+            scale, zero = compute_qparams(w, grid)
+            if spec.group_size is not None:  # stored in float16: quantize against the stored scale
+                scale = scale.to(torch.float16).float()
+            return cls.from_codes(quantize_codes(w, scale, zero, grid), scale, zero, spec, bias, **kwargs)
+        n, k = w.shape
+        m = cls(k, n, spec, bias=bias is not None, **kwargs)
+        packed = _get_codec(spec.format).encode(w, group_size=spec.group_size)
+        with torch.no_grad():
+            for key in m._codec_keys:
+                getattr(m, f"c_{key}").copy_(packed[key])
+            if bias is not None and m.bias is not None:
+                m.bias.copy_(bias.detach().float())
+        return m
+
+    def set_input_scale(self, scale: torch.Tensor) -> None:
+        """Set the per-input-channel multiplier (K,) applied to ``x`` before the matmul."""
+        if self.input_scale is None:
+            raise LmshrinkError("this layer was built without input_scale")
+        with torch.no_grad():
+            self.input_scale.copy_(scale.reshape(self.in_features))
+
+    # -- decoding
+    def dequantize_weight(self) -> torch.Tensor:
+        """The float32 weight (N, K) the stored codes represent."""
+        n, k = self.out_features, self.in_features
+        if _int8_per_channel(self.spec):
+            return self.qweight.float() * self.scale.reshape(n, 1)
+        if self.spec.is_integer:
+            codes = unpack_bits(self.qweight, self.spec.bits, k).float() + self.grid.qmin
+            if not self.spec.symmetric:
+                codes = codes - self.zero.float().repeat_interleave(k // self.zero.shape[1], dim=1)
+            g = k if self.spec.group_size is None else self.spec.group_size
+            return (codes.reshape(n, k // g, g) * self.scale.float().reshape(n, -1, 1)).reshape(n, k)
+        packed = {key: getattr(self, f"c_{key}") for key in self._codec_keys}
+        return _get_codec(self.spec.format).decode(packed, (n, k), group_size=self.spec.group_size).float()
+
+    # -- kernels
+    @property
+    def kernel_name(self) -> str:
+        """The kernel the forward pass uses on the layer's current device."""
+        dev = self.scale.device.type if hasattr(self, "scale") else "cpu"
+        if dev == "cpu" and self.act == "int8" and cpu_kernels.fbgemm_available():
+            if self.threshold is not None:
+                return "fbgemm-int8-dynamic-per-token+fp32-outliers"
+            if cpu_kernels.amx_int8_available():
+                return "int8-per-token-fbgemm+amx"
+            return "fbgemm-int8-dynamic-per-token"
+        if dev == "cuda" and self.act == "int8" and self.threshold is None:
+            return "cuda-int8-mm"
+        if (
+            dev == "cuda"
+            and self.spec.is_integer
+            and self.spec.bits == 4
+            and self.spec.group_size in _TINYGEMM_GROUPS
+            and self.in_features % 128 == 0
+            and self.out_features % 8 == 0
+        ):
+            return "cuda-int4-weight-only"
+        if dev == "cuda" and self.spec.format == "fp8":
+            return "cuda-fp8-scaled-mm"
+        return "dequantize-on-the-fly"
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        # device moves follow the model (.to(device)); dtype casts (.half()) never touch packed storage or scales
+        self._cache = {}
+        for key, buf in self._buffers.items():
+            if buf is not None:
+                new = fn(buf)
+                self._buffers[key] = new if new.dtype == buf.dtype else buf.to(new.device)
+        return self
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._cache = {}
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _fbgemm(self) -> Any:
+        if "fbgemm" not in self._cache:
+            self._cache["fbgemm"] = cpu_kernels.prepack_int8(self.qweight, self.scale)
+        return self._cache["fbgemm"]
+
+    def _forward_2d(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
+        if kernel == "fbgemm-int8-dynamic-per-token":
+            return cpu_kernels.int8_linear_per_token(x, self._fbgemm(), self.bias)
+        if (
+            kernel == "int8-per-token-fbgemm+amx"
+        ):  # fbgemm for few rows (decode), AMX _int_mm for many (prefill)
+            if x.shape[0] >= cpu_kernels.AMX_MIN_ROWS:
+                return cpu_kernels.int8_linear_per_token_amx(x, self.qweight, self.scale, self.bias)
+            return cpu_kernels.int8_linear_per_token(x, self._fbgemm(), self.bias)
+        if kernel == "fbgemm-int8-dynamic-per-token+fp32-outliers":
+            return self._forward_outliers(x)
+        if kernel == "cuda-int8-mm":
+            return cuda_kernels.int8_linear_cuda(x, self.qweight, self.scale, self.bias)
+        if kernel == "cuda-int4-weight-only":
+            if "int4" not in self._cache:
+                codes = unpack_bits(self.qweight, 4, self.in_features)
+                zero = (
+                    self.zero
+                    if not self.spec.symmetric
+                    else torch.full_like(self.scale, 8, dtype=torch.uint8)
+                )
+                self._cache["int4"] = cuda_kernels.pack_int4_tinygemm(
+                    codes, self.scale, zero, int(self.spec.group_size or 0)
+                )
+            packed, sz = self._cache["int4"]
+            return cuda_kernels.int4_linear_cuda(
+                x, packed, sz, int(self.spec.group_size or 0), self.out_features, self.bias
+            )
+        if kernel == "cuda-fp8-scaled-mm":
+            return cuda_kernels.fp8_linear_cuda(x, self.dequantize_weight(), self.bias)
+        w = self.dequantize_weight()
+        if self.act == "int8":  # no int8 kernel here: same numerics, simulated
+            x = _fake_quant_per_token(x)
+        return F.linear(x, w, self.bias)
+
+    def _forward_outliers(self, x: torch.Tensor) -> torch.Tensor:
+        """LLM.int8(): input columns with any |x| > threshold go through fp32, the rest through the int8 kernel."""
+        cols = (x.abs() > float(self.threshold or 0.0)).any(dim=0).nonzero().flatten()
+        if cols.numel() == 0:
+            return cpu_kernels.int8_linear_per_token(x, self._fbgemm(), self.bias)
+        x_out = x[:, cols]
+        x_in = x.clone()
+        x_in[:, cols] = 0.0
+        y = cpu_kernels.int8_linear_per_token(x_in, self._fbgemm(), self.bias)
+        w_out = self.qweight[:, cols].float() * self.scale.reshape(-1, 1)
+        return y.addmm_(x_out, w_out.t())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.input_scale is not None:
+            x2 = x2 * self.input_scale
+        kernel = self._cache.get("kernel")
+        if kernel is None:  # decided once per device (the cache is cleared on .to())
+            kernel = self._cache["kernel"] = self.kernel_name
+        y = self._forward_2d(x2, kernel)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def storage_bits(self) -> int:
+        """Bits the stored weight takes in theory: codes at ``bits`` per weight plus scales/zeros (no bias)."""
+        n, k = self.out_features, self.in_features
+        if not self.spec.is_integer:
+            return int(_get_codec(self.spec.format).storage_bits((n, k), self.spec.group_size))
+        groups = 1 if self.spec.group_size is None else k // self.spec.group_size
+        scale_bits = 16 if self.spec.group_size is not None else 32
+        zero_bits = 0 if self.spec.symmetric else 8
+        return n * k * self.spec.bits + n * groups * (scale_bits + zero_bits)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, format={self.spec.format}, "
+            f"group_size={self.spec.group_size}, act={self.act}, kernel={self.kernel_name}"
+        )
+
+    def layer_spec(self) -> dict[str, Any]:
+        """JSON description used by storage to rebuild an empty layer of the same layout."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "format": self.spec.format,
+            "bits": self.spec.bits,
+            "symmetric": self.spec.symmetric,
+            "group_size": self.spec.group_size,
+            "bias": self.bias is not None,
+            "act": self.act,
+            "threshold": self.threshold,
+            "input_scale": self.input_scale is not None,
+        }
+
+
+def _fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
+    s = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+    return torch.round(x / s).clamp_(-127, 127) * s
+
+
+def linear_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float weight (out, in) and bias of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (whose weight is (in, out))."""
+    w = module_weight(module)
+    if type(module).__name__ == "Conv1D":
+        w = w.t()
+    b = getattr(module, "bias", None)
+    return w.detach(), (b.detach() if isinstance(b, torch.Tensor) else None)
+
+
+def module_weight(module: nn.Module) -> torch.Tensor:
+    """The ``weight`` tensor of a module (raises if it has none)."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise LmshrinkError(f"{type(module).__name__} has no weight tensor")
+    return w

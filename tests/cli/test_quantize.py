@@ -1,0 +1,54 @@
+"""``lmshrink quantize``: writes a packed, reloadable directory and prints a summary; bad input exits 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmshrink.cli.quantize as cli_quantize
+from lmshrink.cli import main
+from lmshrink.quantization.linear import QuantLinear
+
+
+@pytest.fixture()
+def fake_sources(monkeypatch: pytest.MonkeyPatch, tiny_llama) -> None:
+    monkeypatch.setattr(cli_quantize, "_load", lambda spec: (tiny_llama, None))
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 128, (1, 32), generator=g)} for _ in range(4)]
+    monkeypatch.setattr(cli_quantize, "_calibration", lambda *a, **k: batches)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--method", "rtn", "--format", "int4", "--group-size", "32"],
+        ["--method", "gptq", "--format", "int4", "--group-size", "32", "--n-samples", "4", "--seq-len", "32"],
+        ["--method", "smoothquant", "--format", "int8"],
+    ],
+)
+def test_quantize_writes_a_loadable_directory(tmp_path: Path, fake_sources, args: list[str], capsys) -> None:
+    out = tmp_path / "q"
+    assert main(["quantize", "tiny", *args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "quantized layers" in printed and "14" in printed
+    from lmshrink.models import load_model
+
+    m, _ = load_model(str(out))
+    assert sum(isinstance(x, QuantLinear) for x in m.modules()) == 14
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "nope"], "unknown method"),
+        (["--format", "int4", "--group-size", "48"], "does not divide"),
+        (["--format", "int17"], "bits must be in 2..8"),
+    ],
+)
+def test_bad_input_exits_2_without_output(tmp_path: Path, fake_sources, args, message, capsys) -> None:
+    out = tmp_path / "q"
+    assert main(["quantize", "tiny", *args, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
