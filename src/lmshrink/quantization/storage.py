@@ -96,7 +96,8 @@ def save_quantized(model: nn.Module, tmp_dir: Path, tokenizer: Any = None) -> di
         raise LmshrinkError("the model has no QuantLinear layers; quantize it first (quantize_model)")
     tensors, aliases = _dedupe(model.state_dict())
     with atomic_path(Path(tmp_dir) / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"}  # one key: safetensors orders several keys differently per process)
+        # a single metadata key: safetensors orders several keys differently from process to process
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise LmshrinkError("only transformers models (with a .config) can be saved in the quantized format")
