@@ -21,6 +21,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 #: modules the forkserver imports once (the same list as tests/test_determinism.py, which may start it first)
@@ -113,6 +114,7 @@ def _final(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return result, load_file(str(out / "checkpoint" / "model.safetensors"))
 
 
+@pytest.mark.slow  # timing-dependent kill points: run with `make test-slow`
 def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     rnd = random.Random(SEED)
     ref = _start(tmp_path / "ref")  # the uninterrupted run, in the same kind of child process
