@@ -157,3 +157,34 @@ def feed_inputs(
     finally:
         for h in handles:
             h.remove()
+
+
+def replace_with_quantized(
+    block: nn.Module,
+    rel: str,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    spec: Any,
+    act: Any,
+    scale: torch.Tensor | None,
+) -> None:
+    """Swap ``block.<rel>`` for a QuantLinear of ``w`` (times the per-input-channel ``scale``, undone on the input)."""
+    from lmshrink.models.arch import set_submodule
+    from lmshrink.quantization.linear import QuantLinear
+
+    if scale is not None:
+        q = QuantLinear.from_weight(w * scale, b, spec, act=act, input_scale=True)
+        q.set_input_scale(1.0 / scale)
+    else:
+        q = QuantLinear.from_weight(w, b, spec, act=act)
+    set_submodule(block, rel, q.to(w.device))
+
+
+def quantize_outside_blocks(model: nn.Module, config: QuantConfig, outside: Layers) -> None:
+    """RTN for the selected layers that sit outside every transformer block (no calibration inputs reach them)."""
+    if not outside:
+        return
+    from lmshrink.quantization.rtn import quantize_rtn
+
+    log.warning("%d layers outside the transformer blocks get RTN: %s", len(outside), [n for n, _ in outside])
+    quantize_rtn(model, config, outside)

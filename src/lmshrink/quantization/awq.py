@@ -22,12 +22,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lmshrink.models.arch import is_linear, set_submodule
+from lmshrink.models.arch import is_linear
 from lmshrink.models.layerwise import BlockInput
-from lmshrink.quantization.api import Batches, BlockLayers, feed_inputs, for_each_block
+from lmshrink.quantization.api import (
+    Batches,
+    BlockLayers,
+    feed_inputs,
+    for_each_block,
+    quantize_outside_blocks,
+    replace_with_quantized,
+)
 from lmshrink.quantization.config import QuantConfig
 from lmshrink.quantization.grid import IntGrid, fake_quantize
-from lmshrink.quantization.linear import QuantLinear, linear_weight_and_bias, module_weight
+from lmshrink.quantization.linear import linear_weight_and_bias, module_weight
 
 log = logging.getLogger(__name__)
 
@@ -177,19 +184,9 @@ def quantize_awq(
             fold_scale(block.get_submodule(mp.prev), [mods[n] for n in mp.layers], s)
         for rel, mod in mods.items():
             w, b = linear_weight_and_bias(mod)
-            if rel in loose:
-                s = search_scale(stats[rel].sample(), [w], grid, config.grid)
-                q = QuantLinear.from_weight(w * s, b, spec, act=config.act_mode, input_scale=True)
-                q.set_input_scale(1.0 / s)
-            else:
-                q = QuantLinear.from_weight(w, b, spec, act=config.act_mode)
-            set_submodule(block, rel, q.to(w.device))
+            s_loose: torch.Tensor | None = (
+                search_scale(stats[rel].sample(), [w], grid, config.grid) if rel in loose else None
+            )
+            replace_with_quantized(block, rel, w, b, spec, config.act_mode, s_loose)
 
-    outside = for_each_block(model, layers, calibration, process)
-    if outside:
-        from lmshrink.quantization.rtn import quantize_rtn
-
-        log.warning(
-            "%d layers outside the transformer blocks get RTN: %s", len(outside), [n for n, _ in outside]
-        )
-        quantize_rtn(model, config, outside)
+    quantize_outside_blocks(model, config, for_each_block(model, layers, calibration, process))

@@ -18,12 +18,17 @@ import logging
 import torch
 from torch import nn
 
-from lmshrink.models.arch import set_submodule
 from lmshrink.models.layerwise import BlockInput
-from lmshrink.quantization.api import Batches, BlockLayers, for_each_block
+from lmshrink.quantization.api import (
+    Batches,
+    BlockLayers,
+    for_each_block,
+    quantize_outside_blocks,
+    replace_with_quantized,
+)
 from lmshrink.quantization.awq import MAX_SAMPLE_ROWS, collect_stats, fold_scale, plan_mappings
 from lmshrink.quantization.config import QuantConfig
-from lmshrink.quantization.linear import QuantLinear, linear_weight_and_bias
+from lmshrink.quantization.linear import linear_weight_and_bias
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +104,6 @@ def quantize_smoothquant(
                 if rel in loose
                 else None
             )
-            if s is not None:
-                q = QuantLinear.from_weight(w * s, b, spec, act=config.act_mode, input_scale=True)
-                q.set_input_scale(1.0 / s)
-            else:
-                q = QuantLinear.from_weight(w, b, spec, act=config.act_mode)
-            set_submodule(block, rel, q.to(w.device))
+            replace_with_quantized(block, rel, w, b, spec, config.act_mode, s)
 
-    outside = for_each_block(model, layers, calibration, process)
-    if outside:
-        from lmshrink.quantization.rtn import quantize_rtn
-
-        log.warning(
-            "%d layers outside the transformer blocks get RTN: %s", len(outside), [n for n, _ in outside]
-        )
-        quantize_rtn(model, config, outside)
+    quantize_outside_blocks(model, config, for_each_block(model, layers, calibration, process))
