@@ -4,7 +4,7 @@ Every tool quantizes the same layers (all linear layers of the transformer block
 stay float32) of the same float32 model, and is scored on the same windows. 4-bit rows use groups of 64 input
 columns wherever the tool lets us choose (SmolLM2's hidden size 576 is not a multiple of 128).
 
-    .venv/bin/python bench/peers_quant.py                 # the full table (lead: quiet machine)
+    .venv/bin/python bench/peers_quant.py                 # the full table (lead: quiet machine, ~25 min)
     .venv/bin/python bench/peers_quant.py --list          # row keys
     .venv/bin/python bench/peers_quant.py --rows bnb-int8,hqq-4 --max-tokens 8192
 """
@@ -122,13 +122,35 @@ def hqq(nbits: int):
 # --------------------------------------------------------------------------------------------- optimum-quanto
 
 
+def _outside_inference_mode(module: nn.Module) -> None:
+    """Run ``module.forward`` with inference mode switched off (gradients still off).
+
+    optimum-quanto's qint4 weights (``WeightQBitsTensor``) fail under ``torch.inference_mode`` — which the shared
+    evaluation and speed harness use for every tool — with "Cannot set version_counter for inference tensor" (the
+    tensor subclass re-wraps its inner tensors on every op). This changes no numbers: the same forward runs under
+    ``torch.no_grad`` instead.
+    """
+    inner = module.forward
+
+    def forward(*args: object, **kwargs: object) -> object:
+        with torch.inference_mode(False), torch.no_grad():
+            return inner(*args, **kwargs)
+
+    module.forward = forward  # type: ignore[method-assign]
+
+
 def quanto(bits: int):
     def compress(model: nn.Module, ctx: Context) -> nn.Module:
         from optimum.quanto import freeze, qint4, qint8, quantize
+        from optimum.quanto.nn import QModuleMixin
 
         names = LinearSelection.of(model).names
         quantize(model, weights=qint8 if bits == 8 else qint4, include=names)
         freeze(model)
+        if bits == 4:
+            for m in model.modules():
+                if isinstance(m, QModuleMixin):
+                    _outside_inference_mode(m)
         return model
 
     return compress
@@ -148,6 +170,18 @@ def torchao(kind: str):
         )
         from torchao.quantization.granularity import PerGroup
 
+        # torchao's CPU int4 (tinygemm _weight_int4pack_mm_for_cpu) is fast for bf16 activations only
+        if kind == "int4-cpu":
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+            model = model.to(torch.bfloat16)
+            names = set(LinearSelection.of(model).names)
+            quantize_(
+                model,
+                PrototypeInt4WeightOnlyConfig(group_size=GROUP, set_inductor_config=False),
+                filter_fn=lambda m, fqn: fqn in names,
+            )
+            return model
         configs = {
             "int8wo": lambda: Int8WeightOnlyConfig(),
             "w8a8": lambda: Int8DynamicActivationInt8WeightConfig(),
@@ -219,9 +253,9 @@ ROWS: list[Row] = [
     Row(
         "lmshrink-int8-w8a8",
         "lmshrink",
-        "RTN int8 per-channel, dynamic int8 A",
+        "RTN int8 per-channel, dynamic int8 A (per token)",
         "W8A8",
-        lmshrink(method="rtn", format="int8"),
+        lmshrink(method="rtn", format="int8", activations="int8"),
         save_lmshrink_or_flat,
         needs=LM,
     ),
@@ -273,7 +307,17 @@ ROWS: list[Row] = [
         needs=("torchao",),
         unavailable="torchao 0.18 Int4WeightOnlyConfig has no CPU path here: plain/preshuffled need the `mslk` "
         "kernels (only a 0.0.0 placeholder on PyPI), plain_int32 says 'does not support device cpu', "
-        "tile_packed_to_4d needs CUDA",
+        "tile_packed_to_4d needs CUDA; torchao's CPU int4 is PrototypeInt4WeightOnlyConfig (row torchao-int4-cpu)",
+    ),
+    Row(
+        "torchao-int4-cpu",
+        "torchao",
+        f"PrototypeInt4WeightOnlyConfig g{GROUP} (Int4OpaqueTensor, CPU tinygemm), model in bf16",
+        "W4 (bf16 A)",
+        torchao("int4-cpu"),
+        needs=("torchao",),
+        note="torchao's CPU int4 kernel (_weight_int4pack_mm_for_cpu) is 10-100x slower than fp32 with float32 "
+        "activations, so the model is cast to bf16 first, as torchao's CPU recipe does; non-linear ops run in bf16",
     ),
     Row(
         "torchao-intx4",
@@ -333,7 +377,18 @@ ROWS: list[Row] = [
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = parse_settings((__doc__ or "").splitlines()[0], argv)
+    # defaults sized so that the whole table (23 rows, quality + paired speed) fits in about 25 minutes on a quiet
+    # 2-core machine: 8192 evaluation tokens (4 windows of 2048), 3 timed repeats, 16 decode tokens, 32 calibration
+    # windows; pass --max-tokens 16384 --speed-repeats 5 --decode-tokens 32 --calib-samples 128 for a longer run
+    settings = parse_settings(
+        (__doc__ or "").splitlines()[0],
+        argv,
+        max_tokens=8192,
+        speed_repeats=3,
+        speed_warmup=1,
+        decode_tokens=16,
+        calib_samples=32,
+    )
     run_table("quant", "Quantization vs peers (CPU)", ROWS, settings)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin
@@ -256,6 +257,11 @@ class QuantizeStage(StageConfig):
     format: str = "int8"
     group_size: int | None = Field(default=None, ge=0)
     plan: str | None = None
+    quantize_embeddings: bool = Field(
+        default=False,
+        description="also quantize the LM head and the token/position embeddings (packed QuantEmbedding); "
+        "by default they stay in float like other toolkits' defaults",
+    )
     calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -514,15 +520,77 @@ def _check_references(stages: list[StageConfig | None], problems: _Problems) -> 
         produced[stage.name] = stage.produces
 
 
-def load_recipe_text(text: str, source: str = "<recipe>") -> Recipe:
-    """Parse and validate a YAML recipe; raise :class:`RecipeError` listing every problem with its line."""
+#: Deepest nesting of lists/mappings a recipe may use (real recipes need 4).
+MAX_YAML_DEPTH = 32
+#: Most nodes a recipe may expand to once aliases are resolved (real recipes have a few hundred).
+MAX_YAML_NODES = 100_000
+#: Longest plain integer accepted (Python refuses to convert integers beyond 4300 digits).
+MAX_INT_DIGITS = 100
+_INT_LIKE = re.compile(r"[-+]?[0-9][0-9_]*")
+
+
+def _check_yaml_shape(text: str, source: str) -> None:
+    """Scan the YAML events (iteratively: no recursion) before building anything, and refuse what would crash or
+    hang the loader: nesting deeper than :data:`MAX_YAML_DEPTH`, alias expansion beyond :data:`MAX_YAML_NODES`
+    nodes (an "alias bomb"), integers longer than :data:`MAX_INT_DIGITS` digits. Errors name the line."""
+    anchors: dict[str, int] = {}
+    stack: list[list[Any]] = [[0, None]]  # [expanded node count, anchor] per open collection
+
+    def fail(event: yaml.Event, what: str) -> RecipeError:
+        mark = event.start_mark
+        return RecipeError(f"{source}:{mark.line + 1}: {what}" if mark is not None else f"{source}: {what}")
+
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            stack.append([1, event.anchor])
+            if len(stack) - 1 > MAX_YAML_DEPTH:
+                raise fail(event, f"nested deeper than {MAX_YAML_DEPTH} levels; a recipe needs only a few")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            size, anchor = stack.pop()
+            if anchor is not None:
+                anchors[anchor] = size
+            stack[-1][0] += size
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.anchor is not None:
+                anchors[event.anchor] = 1
+            value = event.value
+            if event.style is None and len(value) > MAX_INT_DIGITS and _INT_LIKE.fullmatch(value):
+                raise fail(
+                    event, f"a {len(value)}-digit number; numbers in a recipe have at most {MAX_INT_DIGITS}"
+                )
+            stack[-1][0] += 1
+        elif isinstance(event, yaml.AliasEvent):
+            stack[-1][0] += anchors.get(event.anchor or "", 1)
+        else:
+            continue
+        if sum(level[0] for level in stack) > MAX_YAML_NODES:
+            raise fail(event, f"the document expands to more than {MAX_YAML_NODES} nodes (repeated aliases?)")
+
+
+def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
+    """The composed node tree (for line numbers) and the plain data of a recipe, or :class:`RecipeError`."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        _check_yaml_shape(text, source)
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()  # type: ignore[no-untyped-call]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         raise RecipeError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from exc
+    except RecipeError:
+        raise
+    except (ValueError, RecursionError, OverflowError) as exc:  # the shape check should have caught these
+        raise RecipeError(f"{source}: a value cannot be read ({type(exc).__name__}: {exc})") from exc
+    return root, data
+
+
+def load_recipe_text(text: str, source: str = "<recipe>") -> Recipe:
+    """Parse and validate a YAML recipe; raise :class:`RecipeError` listing every problem with its line."""
+    root, data = _parse_yaml(text, source)
     problems = _Problems(source, root)
     if not isinstance(data, dict):
         raise RecipeError(

@@ -409,6 +409,32 @@ def plan_damage(model: nn.Module, plan: Plan, input_ids: torch.Tensor) -> dict[s
     }
 
 
+def plan_storage_bits(model: nn.Module, plan: Plan) -> float:
+    """Exact average bits per weight of ``plan``'s layers as stored (packed codes plus float16 scales / zero
+    points, :meth:`lmshrink.quantization.formats.WeightFormat.storage_bits`); plans are compared at equal values.
+
+    Only for quantization plans: a pruning plan stores masks, not bit widths.
+    """
+    from lmshrink.quantization.formats import get_format
+
+    if plan.mode != "quantize":
+        raise LmshrinkError("storage bits are defined for quantization plans only")
+    modules = dict(model.named_modules())
+    bits = 0
+    weights = 0
+    for name, c in plan.layers.items():
+        w = getattr(modules.get(name), "weight", None)
+        if not isinstance(w, torch.Tensor):
+            raise LmshrinkError(
+                f"plan layer {name!r} is not in the model; was the plan made for another model?"
+            )
+        shape = tuple(w.shape)
+        numel = w.numel()
+        bits += numel * 32 if c >= 16 else get_format(f"int{int(c)}").storage_bits(shape, plan.group_size)
+        weights += numel
+    return bits / max(weights, 1)
+
+
 def plan_to_json(sens: SensitivityResult, plan: Plan) -> dict[str, Any]:
     """The ``sensitivity.json`` document: the measured table and the plan (what recipes read)."""
     return {"format": "lmshrink-sensitivity/1", "plan": plan.model_dump(), "sensitivity": sens.model_dump()}

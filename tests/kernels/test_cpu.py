@@ -60,3 +60,85 @@ def test_amx_path_matches_symmetric_per_token_reference() -> None:
     sx = x.abs().amax(1, keepdim=True) / 127
     ref = (torch.round(x / sx) * sx) @ w.t()
     assert ((y - ref).norm(dim=1) / ref.norm(dim=1)).max() < 1e-5
+
+
+# ---- fused C++ helpers (bit-identical to the eager formulas) --------------------------------------------------
+ext = cpu.cpu_ext.load()
+needs_ext = pytest.mark.skipif(ext is None, reason="C++ helpers not buildable here (no compiler or ninja)")
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(1, 3), (5, 100), (37, 576), (64, 1536)])
+def test_fused_row_quantization_is_bit_identical_to_eager(shape: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(*shape) * torch.logspace(-3, 2, shape[0])[:, None]
+    x[:, 0] *= 50.0
+    if shape[0] > 2:
+        x[1] = 0.0  # an all-zero row: scale clamps at 1e-12 / 127, codes 0
+    q, s = ext.quantize_rows(x)
+    s_ref = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q, torch.round(x / s_ref).to(torch.int8))
+    assert int(q.abs().max()) == 127
+
+
+@needs_ext
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_rescale_is_bit_identical_to_eager(with_bias: bool) -> None:
+    torch.manual_seed(0)
+    acc = torch.randint(-(2**20), 2**20, (33, 70), dtype=torch.int32)
+    sx, sw = torch.rand(33, 1), torch.rand(70)
+    bias = torch.randn(70) if with_bias else None
+    ref = acc.float().mul_(sx).mul_(sw)
+    if bias is not None:
+        ref = ref.add_(bias)
+    assert torch.equal(ext.rescale(acc, sx, sw, bias), ref)
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", ["int4", "int4-asym"])
+def test_fused_int4_decode_to_bf16_matches_dequantize_weight(fmt: str) -> None:
+    from lmshrink.quantization.config import WeightSpec
+    from lmshrink.quantization.linear import QuantLinear
+
+    torch.manual_seed(0)
+    q = QuantLinear.from_weight(torch.randn(24, 128), None, WeightSpec.parse(fmt, group_size=32))
+    zero = None if q.spec.symmetric else q.zero
+    w = ext.dequant_int4_bf16(q.qweight, q.scale, zero, 128, q.grid.qmin)
+    assert w.dtype == torch.bfloat16
+    assert torch.equal(w, q.dequantize_weight().bfloat16())
+
+
+# ---- weight-only kernels with bf16 activations (AMX-BF16 / AVX512-BF16 CPUs) ----------------------------------
+needs_bf16 = pytest.mark.skipif(not cpu.bf16_matmul_available(), reason="no native bf16 matmul on this CPU")
+
+
+@needs_bf16
+@pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 64), ("int4-asym", 32)])
+@pytest.mark.parametrize("m", [1, cpu.WEIGHT_ONLY_GEMV_MAX_ROWS + 1, 96])
+def test_weight_only_cpu_kernels_match_decoded_weight(fmt: str, group: int | None, m: int) -> None:
+    from lmshrink.quantization.config import WeightSpec
+    from lmshrink.quantization.linear import QuantLinear
+
+    torch.manual_seed(0)
+    w, b = torch.randn(80, 192) * 0.05, torch.randn(80)
+    q = QuantLinear.from_weight(w, b, WeightSpec.parse(fmt, group_size=group))
+    assert q.kernel_name == ("int8" if fmt == "int8" else "int4") + "-weight-only-cpu-bf16"
+    x = torch.randn(m, 192)
+    ref = x @ q.dequantize_weight().t() + b
+    y = q(x)
+    assert y.dtype == torch.float32
+    # bf16 activations (and bf16 tinygemm scales): ~2^-9 relative rounding, far below the 4/8-bit weight error
+    rel = ((y - ref).norm() / ref.norm()).item()
+    assert rel < 6e-3
+    assert rel > 0.0  # it really ran in bf16, not the float path
+
+
+@pytest.mark.skipif(not cpu.amx_int8_available(), reason="no AMX-INT8 on this CPU")
+def test_amx_path_identical_with_and_without_fused_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, scale = _weights()
+    x = torch.randn(40, 96)
+    bias = torch.randn(48)
+    fused = cpu.int8_linear_per_token_amx(x, q, scale, bias)
+    monkeypatch.setattr(cpu.cpu_ext, "load", lambda: None)
+    assert torch.equal(fused, cpu.int8_linear_per_token_amx(x, q, scale, bias))

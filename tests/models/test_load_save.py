@@ -216,3 +216,98 @@ def test_metadata_helpers(tiny_llama, tiny_bert):
     assert model_max_length(tiny_llama, cap=64) == 64
     binfo = describe_model(tiny_bert)
     assert binfo["task"] == "sequence-classification" and binfo["kv_heads"] == 4
+
+
+# ------------------------------------------------------------------------------------------------ untrusted files
+
+
+def _rename_tensor(file, old: str, new: str) -> None:
+    import struct
+
+    raw = file.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header[new] = header.pop(old)
+    text = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+
+
+@pytest.mark.parametrize("with_manifest", [True, False])
+def test_renamed_tensor_is_refused_not_reinitialised(tiny_llama, tmp_path, with_manifest):
+    """A checkpoint whose tensor was renamed used to load with that weight randomly initialised."""
+    out = save_model(tiny_llama, tmp_path / "m")
+    if not with_manifest:
+        (out / "lmshrink.json").unlink()  # a plain Hugging Face directory
+    _rename_tensor(out / "model.safetensors", "model.norm.weight", "model.nrom.weight")
+    with pytest.raises(ModelLoadError, match=r"model\.norm\.weight.*missing.*model\.nrom\.weight"):
+        load_model(out)
+
+
+def test_new_task_head_is_still_allowed(tiny_llama, tmp_path):
+    """A causal LM loaded for sequence classification gets a fresh head: missing head tensors are expected."""
+    out = save_model(tiny_llama, tmp_path / "m")
+    model, _ = load_model(out, task="sequence-classification", num_labels=3)
+    assert model.score.weight.shape == (3, 64)
+    assert torch.equal(model.model.embed_tokens.weight, tiny_llama.model.embed_tokens.weight)
+
+
+def test_absurd_config_sizes_are_refused_before_allocation(tiny_llama, tmp_path):
+    out = save_model(tiny_llama, tmp_path / "m")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["vocab_size"] = 2**40
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CorruptFileError, match=r"config and the weights disagree.*embed_tokens"):
+        load_model(out)
+    cfg["intermediate_size"] = 2**31
+    cfg["vocab_size"] = 128
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CorruptFileError, match=r"mlp\.(gate|up|down)_proj"):
+        load_model(out)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda c: c.update(num_attention_heads=0), "config.json"),
+        (lambda c: c.update(vocab_size="12"), "vocab_size"),
+        (lambda c: c.update(model_type=["llama"]), "model_type"),
+        (lambda c: c.update(lmshrink_note="harmless extra key"), None),
+    ],
+)
+def test_invalid_config_values_are_corrupt_file_errors(tiny_llama, tmp_path, edit, match):
+    out = save_model(tiny_llama, tmp_path / "m")
+    cfg = json.loads((out / "config.json").read_text())
+    edit(cfg)
+    (out / "config.json").write_text(json.dumps(cfg))
+    if match is None:  # a harmless extra key loads
+        load_model(out)
+        return
+    with pytest.raises(CorruptFileError, match=match):
+        load_model(out)
+
+
+def test_deeply_nested_config_and_manifest(tiny_llama, tmp_path):
+    out = save_model(tiny_llama, tmp_path / "m")
+    for name in ("config.json", "lmshrink.json"):
+        good = (out / name).read_text()
+        (out / name).write_text(
+            good.rstrip().rstrip("}") + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}"
+        )
+        with pytest.raises(CorruptFileError, match=rf"{name}.*nested deeper than 64"):
+            load_model(out)
+        (out / name).write_text(good)
+
+
+def test_allowed_pickle_directory_is_read_weights_only(tiny_llama, tmp_path):
+    """allow_pickle=True on a directory with only pytorch_model.bin: read with weights_only=True, strictly."""
+    tiny_llama.config.save_pretrained(tmp_path)
+    torch.save(tiny_llama.state_dict(), tmp_path / "pytorch_model.bin")
+    model, _ = load_model(tmp_path, allow_pickle=True)
+    assert torch.equal(model.lm_head.weight, tiny_llama.lm_head.weight)
+    state = tiny_llama.state_dict()
+    state["lm_head.weihgt"] = state.pop("lm_head.weight")
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(
+        ModelLoadError, match=r"missing \['lm_head\.weight'\], unexpected \['lm_head\.weihgt'\]"
+    ):
+        load_model(tmp_path, allow_pickle=True)

@@ -138,3 +138,12 @@ def test_semi_structured_gpu_matches_dense():
     model = torch.nn.Sequential(lin)
     assert to_semi_structured(model) == ["0"]
     torch.testing.assert_close(model(x), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("score", ["wanda", "sparsegpt"])
+def test_calibrated_nm_not_dividing_is_an_error(tiny_llama, score):
+    # 64 input features are not a multiple of 6: a clear error naming the pattern, before anything changes
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    with pytest.raises(LmshrinkError, match="multiple of 6"):
+        prune_model(tiny_llama, {"method": "nm", "nm": "3:6", "nm_score": score}, _calib(), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in tiny_llama.state_dict().items())

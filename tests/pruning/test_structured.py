@@ -128,3 +128,126 @@ def test_global_plan_keeps_floor():
     scores = [torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([5.0, 6.0, 7.0, 8.0])]
     plan = global_plan(scores, 0.5, min_keep=0.25)
     assert plan == {0: [0, 1, 2], 1: [0]}
+
+
+# ----------------------------------------------------------------------------------------------- reconstruction
+
+
+def _output_error(model, reference, batches):
+    with torch.no_grad():
+        return sum(float((model(**b).logits - reference(**b).logits).pow(2).mean()) for b in batches) / len(
+            batches
+        )
+
+
+def test_refit_input_columns_is_the_least_squares_fit():
+    from lmshrink.pruning.structured import InputGram, refit_input_columns
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8, bias=True)
+    x = torch.randn(512, 6) @ torch.randn(6, 16) + 0.05 * torch.randn(
+        512, 16
+    )  # rank ~6: kept columns predict the rest
+    gram = InputGram(16)
+    gram.add(x[:256])
+    gram.add(x[256:])
+    keep = torch.arange(0, 16, 2)
+    target = lin(x)
+    plain = x[:, keep] @ lin.weight[:, keep].T + lin.bias
+    fit = refit_input_columns(lin, keep, gram, damp=0.0)
+    assert (fit.in_features, fit.out_features) == (8, 8)
+    err_fit = float((fit(x[:, keep]) - target).pow(2).mean())
+    assert err_fit < 0.05 * float((plain - target).pow(2).mean())
+    # the same as an explicit least-squares solve with an intercept
+    design = torch.cat([x[:, keep], torch.ones(512, 1)], 1).double()
+    sol = torch.linalg.lstsq(design, target.detach().double()).solution.T
+    torch.testing.assert_close(fit.weight.detach().double(), sol[:, :-1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fit.bias.detach().double(), sol[:, -1], rtol=1e-4, atol=1e-4)
+    # huge damping = plain removal
+    far = refit_input_columns(lin, keep, gram, damp=1e9)
+    torch.testing.assert_close(far.weight, lin.weight[:, keep], rtol=1e-5, atol=1e-5)
+
+
+def _projection_outputs(model, path, batches):
+    outs = []
+    handle = model.get_submodule(path).register_forward_hook(lambda _m, _a, out: outs.append(out.detach()))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(**b)
+    finally:
+        handle.remove()
+    return torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])
+
+
+@pytest.mark.parametrize("method,path", [("heads", "self_attn.o_proj"), ("neurons", "mlp.down_proj")])
+def test_reconstruct_fits_the_projection_output_on_calibration_data(tiny_llama, method, path):
+    # block 0 sees the same inputs in every variant, so its re-fit projection must reproduce the original output on
+    # the calibration tokens better than plain removal (least squares, in sample); shapes are the same
+    calib = _calib(n=8, seq=32)
+    plain, refit = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    prune_model(plain, {"method": method, "sparsity": 0.5, "min_keep": 0.5}, calib, progress=False)
+    prune_model(
+        refit,
+        {"method": method, "sparsity": 0.5, "min_keep": 0.5, "reconstruct": True},
+        calib,
+        progress=False,
+    )
+    assert plain.config.lmshrink_layer_shapes == refit.config.lmshrink_layer_shapes
+    assert count_parameters(plain) == count_parameters(refit)
+    full = f"model.layers.0.{path}"
+    target = _projection_outputs(tiny_llama, full, calib)
+    err_plain = float((_projection_outputs(plain, full, calib) - target).pow(2).mean())
+    err_refit = float((_projection_outputs(refit, full, calib) - target).pow(2).mean())
+    assert err_refit < 0.9 * err_plain
+
+
+def test_reconstruct_bert_roundtrips(tiny_bert, tmp_path):
+    prune_model(
+        tiny_bert,
+        {"method": "neurons", "sparsity": 0.4, "reconstruct": True},
+        _calib(bert=True),
+        progress=False,
+    )
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        logits = tiny_bert(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    manifest = save_pruned(tiny_bert, tmp_path, None)
+    loaded, _ = load_pruned(tmp_path, manifest)
+    with torch.no_grad():
+        again = loaded(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(again, logits, rtol=0, atol=0)
+
+
+def test_layer_loss_importance_ranks_by_measured_loss(tiny_llama):
+    from lmshrink.pruning.structured import _calibration_loss, layer_loss_importance
+
+    calib = _calib(n=2, seq=16)
+    scores = layer_loss_importance(tiny_llama, calib)
+    base = _calibration_loss(tiny_llama, calib)
+    for i in range(2):
+        skipped = copy.deepcopy(tiny_llama)
+        remove_layers(skipped, [i])
+        assert scores[i] == pytest.approx(_calibration_loss(skipped, calib) - base, rel=1e-4, abs=1e-5)
+    report = prune_model(
+        tiny_llama, {"method": "layers", "sparsity": 0.5, "layer_importance": "loss"}, calib, progress=False
+    )
+    dropped = [r for r in report.layers if r.removed]
+    assert [int(r.name.rsplit(".", 1)[1]) for r in dropped] == [min(range(2), key=lambda i: scores[i])]
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        ({"method": "layers", "sparsity": 0.2, "reconstruct": True}, "reconstruct"),
+        ({"method": "wanda", "sparsity": 0.2, "reconstruct": True}, "reconstruct"),
+        ({"method": "heads", "sparsity": 0.2, "layer_importance": "loss"}, "layer_importance"),
+        ({"method": "heads", "sparsity": 1.0}, r"\[0, 1\)"),
+        ({"method": "neurons", "sparsity": -0.2}, r"\[0, 1\)"),
+        ({"method": "layers", "sparsity": 2}, r"\[0, 1\)"),
+        ({"method": "heads", "nm": "2:4"}, "unstructured"),
+    ],
+)
+def test_structured_bad_configs(tiny_llama, config, match):
+    with pytest.raises(LmshrinkError, match=match):
+        prune_model(tiny_llama, config, _calib(), progress=False)

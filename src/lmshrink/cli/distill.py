@@ -3,6 +3,11 @@ student from a teacher, online or from stored soft labels). Both run unchanged u
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,20 +17,79 @@ from rich.table import Table
 from lmshrink.cli.app import app, console
 from lmshrink.errors import LmshrinkError
 
-_STEPS = typer.Option(1000, help="Optimizer steps.")
-_BATCH = typer.Option(16, help="Blocks per micro-batch and process.")
-_ACCUM = typer.Option(1, help="Gradient-accumulation micro-batches per step.")
-_SEQ = typer.Option(128, help="Tokens per block.")
-_LR = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up + cosine).")
-_WARMUP = typer.Option(50, help="Warm-up steps.")
-_CKPT = typer.Option(None, help="Checkpoint every N steps (and at the end); a rerun resumes from it.")
-_TRACE = typer.Option(None, help="Trace row every N steps (default: one per epoch).")
-_SEED = typer.Option(0, help="Seed of initialisation and batch order.")
-_DEVICE = typer.Option(None, help="cpu, cuda, cuda:N (default: cuda when available).")
-_THREADS = typer.Option(None, help="CPU threads for torch (default: torch's choice).")
-_RESUME = typer.Option(True, help="Resume from OUT/checkpoint when present.")
 _VAL = typer.Option("wikitext103", help="Validation corpus name or text file ('none' to skip).")
-_VAL_TOKENS = typer.Option(65536, help="Validation tokens used per trace row.")
+
+#: Options shared by ``train`` and ``distill``: name -> (type, typer option). :func:`training_options` adds them to
+#: a command and hands the command a ready :class:`TrainConfig` and distributed context instead.
+_TRAIN_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "steps": (int, typer.Option(1000, help="Optimizer steps.")),
+    "batch_size": (int, typer.Option(16, help="Blocks per micro-batch and process.")),
+    "grad_accum": (int, typer.Option(1, help="Gradient-accumulation micro-batches per step.")),
+    "seq_len": (int, typer.Option(128, help="Tokens per block.")),
+    "lr": (float, typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up + cosine).")),
+    "warmup": (int, typer.Option(50, help="Warm-up steps.")),
+    "checkpoint_every": (
+        int | None,
+        typer.Option(None, help="Checkpoint every N steps (and at the end); a rerun resumes from it."),
+    ),
+    "trace_every": (int | None, typer.Option(None, help="Trace row every N steps (default: one per epoch).")),
+    "val_tokens": (int, typer.Option(65536, help="Validation tokens used per trace row.")),
+    "seed": (int, typer.Option(0, help="Seed of initialisation and batch order.")),
+    "device": (str | None, typer.Option(None, help="cpu, cuda, cuda:N (default: cuda when available).")),
+    "threads": (int | None, typer.Option(None, help="CPU threads for torch (default: torch's choice).")),
+    "resume": (bool, typer.Option(True, help="Resume from OUT/checkpoint when present.")),
+}
+
+
+@dataclass
+class Training:
+    """What :func:`training_options` gives a command: the training config and the (distributed) context."""
+
+    config: Any
+    ctx: Any
+
+
+def training_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the shared training options (:data:`_TRAIN_OPTIONS`) in place of its ``training`` parameter.
+
+    The wrapped command receives ``training=Training(config, ctx)``: threads set, the process group initialised,
+    ``warmup`` capped at ``steps``. A command adds its own :class:`TrainConfig` fields to ``training.config``
+    (``distill`` adds the intermediate-loss ones).
+    """
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.name != "training"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+        for name, (kind, option) in _TRAIN_OPTIONS.items()
+    ]
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> None:
+        opts = {name: kwargs.pop(name) for name in _TRAIN_OPTIONS}
+        ctx = _setup(opts["threads"], opts["device"])
+        config = _config(
+            steps=opts["steps"],
+            batch_size=opts["batch_size"],
+            grad_accum=opts["grad_accum"],
+            seq_len=opts["seq_len"],
+            lr=opts["lr"],
+            warmup_steps=min(opts["warmup"], opts["steps"]),
+            checkpoint_every=opts["checkpoint_every"],
+            trace_every=opts["trace_every"],
+            val_max_tokens=opts["val_tokens"],
+            seed=opts["seed"],
+            device=opts["device"],
+            resume=opts["resume"],
+        )
+        fn(**kwargs, training=Training(config, ctx))
+
+    hints = {k: v for k, v in typing.get_type_hints(fn).items() if k not in ("training", "return")}
+    command.__annotations__ = {**hints, **{n: k for n, (k, _) in _TRAIN_OPTIONS.items()}, "return": None}
+    command.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[p.replace(annotation=hints.get(p.name, p.annotation)) for p in own] + added
+    )
+    del command.__wrapped__  # typer must read the new signature, not the original one
+    return command
 
 
 def _config(**kw: Any) -> Any:
@@ -44,6 +108,19 @@ def _setup(threads: int | None, device: str | None) -> Any:
             raise LmshrinkError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     return init_distributed(device)
+
+
+def _parse_layer_map(text: str | None) -> list[tuple[int, int]] | None:
+    """``'0:1,1:3'`` -> ``[(0, 1), (1, 3)]``."""
+    if text is None:
+        return None
+    try:
+        pairs = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise LmshrinkError(f"--layer-map must be student:teacher pairs such as 0:1,1:3, got {text!r}")
+    return [(p[0], p[1]) for p in pairs]
 
 
 def _val_text(val: str) -> str | None:
@@ -74,6 +151,7 @@ def print_trace(trace: list[dict[str, float]], title: str) -> None:
 
 
 @app.command("train")
+@training_options
 def train_command(
     out: Path = typer.Option(..., "--out", help="Output directory (model, tokenizer, checkpoint, trace)."),
     data: str = typer.Option("wikitext103", help="Training corpus name (split 'train') or a text file."),
@@ -86,40 +164,15 @@ def train_command(
     vocab_size: int = typer.Option(4096, help="BPE vocabulary size when training a tokenizer."),
     tokenizer: str | None = typer.Option(None, help="Existing tokenizer (directory or model spec) to use."),
     max_train_tokens: int | None = typer.Option(None, help="Use only the first N training tokens."),
-    steps: int = _STEPS,
-    batch_size: int = _BATCH,
-    grad_accum: int = _ACCUM,
-    seq_len: int = _SEQ,
-    lr: float = _LR,
-    warmup: int = _WARMUP,
-    checkpoint_every: int | None = _CKPT,
-    trace_every: int | None = _TRACE,
-    val_tokens: int = _VAL_TOKENS,
-    seed: int = _SEED,
-    device: str | None = _DEVICE,
-    threads: int | None = _THREADS,
-    resume: bool = _RESUME,
+    training: Training | None = None,
 ) -> None:
     """Train a Llama-style causal LM from scratch on a text corpus (a BPE tokenizer is trained when none is given)."""
     from transformers import AutoTokenizer
 
     from lmshrink.distillation.teacher import load_corpus, train_teacher
 
-    ctx = _setup(threads, device)
-    cfg = _config(
-        steps=steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        seq_len=seq_len,
-        lr=lr,
-        warmup_steps=min(warmup, steps),
-        checkpoint_every=checkpoint_every,
-        trace_every=trace_every,
-        val_max_tokens=val_tokens,
-        seed=seed,
-        device=device,
-        resume=resume,
-    )
+    assert training is not None  # given by @training_options
+    ctx, cfg = training.ctx, training.config
     tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else None
     model, tok, result = train_teacher(
         load_corpus(data, "train"),
@@ -144,6 +197,7 @@ def train_command(
 
 
 @app.command("distill")
+@training_options
 def distill_command(
     teacher: str = typer.Option(..., help="Teacher model spec (directory, reference name, hub id)."),
     out: Path = typer.Option(..., "--out", help="Output directory (student model, checkpoint, trace)."),
@@ -164,19 +218,17 @@ def distill_command(
     ),
     top_k: int = typer.Option(32, help="Teacher tokens stored per position in generated soft labels."),
     max_train_tokens: int | None = typer.Option(None, help="Use only the first N training tokens."),
-    steps: int = _STEPS,
-    batch_size: int = _BATCH,
-    grad_accum: int = _ACCUM,
-    seq_len: int = _SEQ,
-    lr: float = _LR,
-    warmup: int = _WARMUP,
-    checkpoint_every: int | None = _CKPT,
-    trace_every: int | None = _TRACE,
-    val_tokens: int = _VAL_TOKENS,
-    seed: int = _SEED,
-    device: str | None = _DEVICE,
-    threads: int | None = _THREADS,
-    resume: bool = _RESUME,
+    hidden_weight: float = typer.Option(
+        0.0, help="Weight of the hidden-state loss (online teacher; projected when widths differ)."
+    ),
+    hidden_loss: str = typer.Option("mse", help="Hidden-state loss: 'mse' or 'cosine'."),
+    attention_weight: float = typer.Option(0.0, help="Weight of the attention-map loss (online teacher)."),
+    layer_map: str | None = typer.Option(
+        None,
+        help="Student:teacher layer pairs for the hidden/attention losses, e.g. '0:1,1:3' "
+        "(default: each student layer faces the last teacher layer of its span).",
+    ),
+    training: Training | None = None,
 ) -> None:
     """Distil a smaller student (fewer layers / narrower) from a causal-LM teacher: online, or from soft labels."""
     from lmshrink.distillation.losses import check_alpha, check_temperature
@@ -198,21 +250,27 @@ def distill_command(
             raise LmshrinkError(
                 f"--layer-ids must be comma-separated integers such as 0,2,4, got {layer_ids!r}"
             ) from exc
-    ctx = _setup(threads, device)
+    assert training is not None  # given by @training_options
+    ctx = training.ctx
+    pairs = _parse_layer_map(layer_map)
+    if hidden_loss not in ("mse", "cosine"):
+        raise LmshrinkError(f"--hidden-loss must be 'mse' or 'cosine', got {hidden_loss!r}")
+    intermediate = hidden_weight > 0 or attention_weight > 0
+    if intermediate and soft_labels is not None:
+        raise LmshrinkError(
+            "--hidden-weight / --attention-weight need the live teacher; drop --soft-labels (they hold only the "
+            "teacher's output distribution)"
+        )
     cfg = _config(
-        steps=steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        seq_len=seq_len,
-        lr=lr,
-        warmup_steps=min(warmup, steps),
-        checkpoint_every=checkpoint_every,
-        trace_every=trace_every,
-        val_max_tokens=val_tokens,
-        seed=seed,
-        device=device,
-        resume=resume,
+        **{
+            **training.config.model_dump(),
+            "hidden_weight": hidden_weight,
+            "hidden_loss": hidden_loss,
+            "attention_weight": attention_weight,
+            "layer_map": pairs,
+        }
     )
+    seed, seq_len = cfg.seed, cfg.seq_len
     t_model, tok = load_model(teacher, device=str(ctx.device), task="causal-lm")
     if tok is None:
         raise LmshrinkError(
@@ -247,7 +305,7 @@ def distill_command(
         cfg,
         out,
         val_ids=val_ids,
-        teacher=t_model if labels is None and alpha > 0 else None,
+        teacher=t_model if labels is None and (alpha > 0 or intermediate) else None,
         soft_labels=labels,
         alpha=alpha,
         temperature=temperature,

@@ -1,4 +1,5 @@
-"""``lmshrink prune MODEL --method ... --sparsity S [--nm 2:4] [--calib c4] --out DIR``: prune a model and save it.
+"""``lmshrink prune MODEL --method ... --sparsity S [--nm 2:4] [--calib c4] [--reconstruct] --out DIR``: prune a
+model and save it.
 
 Unstructured results are saved sparse (bitmask + non-zero values), structured results as a smaller dense model
 with per-block shapes; ``prune_report.json`` beside the weights records per-layer sparsity and importance.
@@ -44,6 +45,14 @@ def prune(
         "wanda", "--nm-score", help="nm method scores: magnitude | wanda | sparsegpt"
     ),
     scope: str = typer.Option("layer", help="magnitude: layer | row | global"),
+    reconstruct: bool = typer.Option(
+        False,
+        "--reconstruct/--no-reconstruct",
+        help="heads/neurons: re-fit o_proj/down_proj by least squares on calibration activations after removal",
+    ),
+    layer_importance: str = typer.Option(
+        "influence", "--layer-importance", help="layers: influence (1 - cos) | loss (measured loss increase)"
+    ),
     calib: str = typer.Option("c4", "--calib", help="calibration corpus"),
     n_samples: int = typer.Option(64, "--n-samples", help="calibration samples"),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per calibration sample"),
@@ -68,6 +77,10 @@ def prune(
     }
     if method == "nm":
         options["nm_score"] = nm_score
+    if reconstruct:
+        options["reconstruct"] = True
+    if layer_importance != "influence":
+        options["layer_importance"] = layer_importance
     config = make_config(**options)  # validate before the (slow) model load
     t0 = time.perf_counter()
     net, tokenizer = load_model(model, dtype=dtype)

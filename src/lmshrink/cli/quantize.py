@@ -77,7 +77,7 @@ def quantize(
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per calibration sample"),
     seed: int = typer.Option(0, help="calibration sampling seed"),
     act_order: bool = typer.Option(
-        False, "--act-order", help="GPTQ: quantize columns by decreasing Hessian diag"
+        True, "--act-order/--no-act-order", help="GPTQ: quantize columns by decreasing Hessian diag"
     ),
     alpha: str = typer.Option("auto", help="SmoothQuant migration strength in [0, 1], or 'auto' (searched)"),
     threshold: float = typer.Option(6.0, help="LLM.int8() outlier threshold"),

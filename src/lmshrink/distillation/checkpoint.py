@@ -2,7 +2,8 @@
 
 A checkpoint directory holds ``model.safetensors``, ``optimizer.safetensors`` (every tensor of the optimizer state),
 ``rng.safetensors`` (torch RNG states) and ``state.json`` (step, config, trace, running sums, optimizer hyper-
-parameters and the sha256 of each tensor file). The data position is the step: the batch order is a pure function
+parameters and the sha256 of each tensor file), plus ``extra.safetensors`` when training carries modules outside
+the model (the learned projections of a hidden-state loss). The data position is the step: the batch order is a pure function
 of ``(seed, epoch)``. A truncated or altered file is a :class:`CorruptFileError` on load.
 """
 
@@ -23,6 +24,7 @@ from lmshrink.utils.io import atomic_directory, atomic_write_json
 
 FORMAT = "lmshrink-checkpoint/1"
 _FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+_EXTRA = "extra.safetensors"
 
 
 def _sha256(path: Path) -> str:
@@ -72,20 +74,32 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    extra: nn.Module | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (a crash leaves the previous checkpoint in place)."""
+    """Write a checkpoint directory atomically (a crash leaves the previous checkpoint in place); ``extra`` is a
+    module trained alongside the model (saved to ``extra.safetensors``)."""
     final = Path(path)
     opt_tensors, opt_meta = _optimizer_split(optimizer)
+    files = list(_FILES)
     with atomic_directory(final) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
+        if extra is not None:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in extra.state_dict().items()},
+                str(tmp / _EXTRA),
+            )
+            files.append(_EXTRA)
         record = {
             "format": FORMAT,
             **state,
             "optimizer": opt_meta,
-            "sha256": {f: _sha256(tmp / f) for f in _FILES},
+            "sha256": {f: _sha256(tmp / f) for f in files},
         }
         atomic_write_json(tmp / "state.json", record)
     return final
@@ -107,7 +121,7 @@ def read_state(path: str | Path) -> dict[str, Any]:
         ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CorruptFileError(f"{file} is not an lmshrink checkpoint (format {FORMAT!r} expected)")
-    for name in _FILES:
+    for name in (*_FILES, *((_EXTRA,) if _EXTRA in state.get("sha256", {}) else ())):
         f = root / name
         if not f.is_file() or _sha256(f) != state.get("sha256", {}).get(name):
             raise CorruptFileError(
@@ -117,11 +131,23 @@ def read_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and RNG from a checkpoint directory in place; return its ``state.json``."""
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: nn.Module | None = None
+) -> dict[str, Any]:
+    """Restore model, optimizer, RNG (and ``extra``, see :func:`save_checkpoint`) from a checkpoint directory in
+    place; return its ``state.json``."""
     root = Path(path)
     state = read_state(root)
+    has_extra = _EXTRA in state.get("sha256", {})
+    if has_extra != (extra is not None):
+        raise CorruptFileError(
+            f"checkpoint {root} was written {'with' if has_extra else 'without'} extra training modules "
+            f"(hidden-state projections) and this run {'has' if extra is not None else 'has none'}; resume with the "
+            "same hidden_weight / attention_weight settings"
+        )
     try:
+        if extra is not None:
+            extra.load_state_dict(load_file(str(root / _EXTRA)))
         missing, unexpected = load_model(model, str(root / "model.safetensors"), strict=False)
         opt_tensors = load_file(str(root / "optimizer.safetensors"))
         rng = load_file(str(root / "rng.safetensors"))

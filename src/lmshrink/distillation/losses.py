@@ -11,6 +11,9 @@ Every loss is a mean over the unmasked positions; ``mask`` is 1 for real tokens 
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -223,3 +226,159 @@ def attention_map_loss(student_attn: Tensor, teacher_attn: Tensor, mask: Tensor 
         s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
     kl = (torch.xlogy(t, t) - t * s.clamp_min(1e-12).log()).sum(-1).mean(1)  # (B, T)
     return masked_mean(kl, mask)
+
+
+def default_layer_map(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+    """Student layer i matched to the last teacher layer of its span, ``(i + 1) x n_teacher / n_student - 1``
+    (TinyBERT's uniform mapping: the student's last layer always faces the teacher's last layer).
+
+    >>> default_layer_map(3, 6), default_layer_map(2, 4)
+    ([(0, 1), (1, 3), (2, 5)], [(0, 1), (1, 3)])
+    """
+    if not 1 <= n_student <= n_teacher:
+        raise LmshrinkError(
+            f"a layer map needs 1 <= student layers ({n_student}) <= teacher layers ({n_teacher})"
+        )
+    return [(i, (i + 1) * n_teacher // n_student - 1) for i in range(n_student)]
+
+
+class IntermediateLoss(nn.Module):
+    """Hidden-state and attention-map terms between mapped student and teacher layers, added to the logit loss as
+    ``hidden_weight x mean_pairs(HiddenStateLoss) + attention_weight x mean_pairs(attention_map_loss)``.
+
+    ``layer_map`` pairs ``(student_layer, teacher_layer)`` (0-based blocks; default :func:`default_layer_map`).
+    A pair compares the *outputs* of the two blocks (``hidden_states[i + 1]`` of a ``transformers`` output) and
+    their attention maps (``attentions[i]``). With widths that differ each pair gets a learned projection: pass
+    :meth:`parameters` to the optimizer (``distill_model`` and ``train_lm`` do). Inputs are ``transformers``
+    outputs run with ``output_hidden_states`` / ``output_attentions`` (see :meth:`forward_kwargs`).
+
+    >>> loss = IntermediateLoss(32, 64, 2, 4, hidden_weight=1.0)
+    >>> loss.layer_map
+    [(0, 1), (1, 3)]
+    """
+
+    def __init__(
+        self,
+        student_dim: int,
+        teacher_dim: int,
+        n_student_layers: int,
+        n_teacher_layers: int,
+        hidden_weight: float = 0.0,
+        hidden_loss: str = "mse",
+        attention_weight: float = 0.0,
+        layer_map: list[tuple[int, int]] | list[list[int]] | None = None,
+    ) -> None:
+        super().__init__()
+        for name, w in (("hidden_weight", hidden_weight), ("attention_weight", attention_weight)):
+            if not (float(w) >= 0 and math.isfinite(float(w))):
+                raise LmshrinkError(f"{name} must be a finite number >= 0, got {w}")
+        self.hidden_weight, self.attention_weight = float(hidden_weight), float(attention_weight)
+        pairs = (
+            default_layer_map(n_student_layers, n_teacher_layers)
+            if layer_map is None
+            else [tuple(p) for p in layer_map]
+        )
+        for p in pairs:
+            if len(p) != 2 or not 0 <= int(p[0]) < n_student_layers or not 0 <= int(p[1]) < n_teacher_layers:
+                raise LmshrinkError(
+                    f"layer_map pairs are (student layer 0..{n_student_layers - 1}, teacher layer "
+                    f"0..{n_teacher_layers - 1}), got {list(p)}"
+                )
+        if not pairs:
+            raise LmshrinkError("layer_map is empty; give at least one (student layer, teacher layer) pair")
+        self.layer_map: list[tuple[int, int]] = [(int(s), int(t)) for s, t in pairs]
+        self.hidden = nn.ModuleList(
+            HiddenStateLoss(student_dim, teacher_dim, hidden_loss) for _ in self.layer_map
+        )
+
+    @property
+    def active(self) -> bool:
+        """Whether any intermediate term has a non-zero weight."""
+        return self.hidden_weight > 0 or self.attention_weight > 0
+
+    def forward_kwargs(self) -> dict[str, bool]:
+        """Extra keyword arguments for the model calls: which intermediate outputs to return."""
+        return {
+            "output_hidden_states": self.hidden_weight > 0,
+            "output_attentions": self.attention_weight > 0,
+        }
+
+    def forward(
+        self, student_out: Any, teacher_out: Any, mask: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The weighted sum of the intermediate terms and the unweighted terms as floats."""
+        dev = (student_out.logits if hasattr(student_out, "logits") else student_out[0]).device
+        total = torch.zeros((), device=dev)
+        parts: dict[str, float] = {}
+        if self.hidden_weight > 0:
+            hs, ht = _needed(student_out, "hidden_states"), _needed(teacher_out, "hidden_states")
+            terms = [
+                loss(hs[s + 1], ht[t + 1], mask)
+                for loss, (s, t) in zip(self.hidden, self.layer_map, strict=True)
+            ]
+            hidden = torch.stack(terms).mean()
+            total = total + self.hidden_weight * hidden
+            parts["loss_hidden"] = float(hidden.detach())
+        if self.attention_weight > 0:
+            a_s, a_t = _needed(student_out, "attentions"), _needed(teacher_out, "attentions")
+            attn = torch.stack([attention_map_loss(a_s[s], a_t[t], mask) for s, t in self.layer_map]).mean()
+            total = total + self.attention_weight * attn
+            parts["loss_attention"] = float(attn.detach())
+        return total, parts
+
+
+def _needed(out: Any, field: str) -> Any:
+    value = getattr(out, field, None)
+    if value is None or any(v is None for v in value):
+        hint = (
+            "; attention maps need the eager attention implementation (use_eager_attention(model))"
+            if field == "attentions"
+            else ""
+        )
+        raise LmshrinkError(f"the model output has no {field}{hint}")
+    return value
+
+
+def use_eager_attention(model: nn.Module) -> None:
+    """Switch a ``transformers`` model to eager attention, the implementation that returns attention maps."""
+    setter = getattr(model, "set_attn_implementation", None)
+    if callable(setter):
+        setter("eager")
+    else:
+        cfg = getattr(model, "config", None)
+        if cfg is None:
+            raise LmshrinkError(f"{type(model).__name__} has no config; cannot return attention maps")
+        cfg._attn_implementation = "eager"
+
+
+def build_intermediate_loss(
+    teacher: nn.Module,
+    student: nn.Module,
+    hidden_weight: float = 0.0,
+    hidden_loss: str = "mse",
+    attention_weight: float = 0.0,
+    layer_map: list[tuple[int, int]] | list[list[int]] | None = None,
+) -> IntermediateLoss | None:
+    """An :class:`IntermediateLoss` for two ``transformers`` models (widths and depths from their configs), or None
+    when both weights are 0. Switches both models to eager attention when attention maps are matched."""
+    if not (hidden_weight or attention_weight):
+        if layer_map is not None:
+            raise LmshrinkError("layer_map is given but hidden_weight and attention_weight are both 0")
+        return None
+    ct, cs = getattr(teacher, "config", None), getattr(student, "config", None)
+    if ct is None or cs is None:
+        raise LmshrinkError("hidden-state and attention losses need transformers models (with a config)")
+    loss = IntermediateLoss(
+        int(cs.hidden_size),
+        int(ct.hidden_size),
+        int(cs.num_hidden_layers),
+        int(ct.num_hidden_layers),
+        hidden_weight,
+        hidden_loss,
+        attention_weight,
+        layer_map,
+    )
+    if attention_weight > 0:
+        use_eager_attention(teacher)
+        use_eager_attention(student)
+    return loss.to(next(student.parameters()).device)

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 from lmshrink.distillation import ddp
 from lmshrink.distillation.checkpoint import load_checkpoint, save_checkpoint
 from lmshrink.distillation.losses import (
+    IntermediateLoss,
+    build_intermediate_loss,
     causal_lm_cross_entropy,
     check_alpha,
     check_temperature,
@@ -104,12 +106,21 @@ def distill_model(
     device: str | torch.device | None = None,
     max_grad_norm: float | None = None,
     progress: bool = False,
+    hidden_weight: float = 0.0,
+    hidden_loss: str = "mse",
+    attention_weight: float = 0.0,
+    layer_map: list[tuple[int, int]] | list[list[int]] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``student`` to imitate ``teacher`` (the lab's Exercise 3): per batch, the teacher's logits (no grad),
     the student's logits, ``alpha x KD(T) + (1 - alpha) x CE(labels)``, backward, optimizer step.
 
     Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels`` (next-token ids for causal LMs, class
-    ids for sequence classification). Returns the per-epoch trace ``[{epoch, loss, loss_ce, loss_kd, accuracy}]``.
+    ids for sequence classification), optionally ``teacher_logits`` (precomputed soft labels: the teacher is then
+    not run for the logit loss). Returns the per-epoch trace ``[{epoch, loss, loss_ce, loss_kd, accuracy}]``.
+
+    ``hidden_weight`` / ``attention_weight`` > 0 add the intermediate terms of :class:`IntermediateLoss`
+    (``hidden_loss`` "mse" or "cosine", ``layer_map`` pairs of (student layer, teacher layer)); the learned
+    projections (widths that differ) are added to ``optimizer`` as a new parameter group.
 
     >>> trace = distill_model(teacher, student, loader, torch.optim.AdamW(student.parameters()),
     ...                       alpha=0.5, temperature=2.0, epochs=3)  # doctest: +SKIP
@@ -120,6 +131,14 @@ def distill_model(
         raise LmshrinkError(f"epochs must be >= 1, got {epochs}")
     check_vocab(teacher, student)
     dev = torch.device(device) if device is not None else next(student.parameters()).device
+    inter = build_intermediate_loss(teacher, student, hidden_weight, hidden_loss, attention_weight, layer_map)
+    extra_kw: dict[str, bool] = {}
+    if inter is not None:
+        inter.to(dev)
+        extra_kw = inter.forward_kwargs()
+        params = [p for p in inter.parameters() if p.requires_grad]
+        if params:
+            optimizer.add_param_group({"params": params})
     teacher.eval()
     student.train()
     trace: list[dict[str, float]] = []
@@ -130,12 +149,26 @@ def distill_model(
             mask = batch.get("attention_mask")
             mask = mask.to(dev) if mask is not None else torch.ones_like(ids)
             labels = batch["labels"].to(dev)
-            t_logits = None
-            if alpha > 0:  # alpha = 0 is plain fine-tuning: the teacher is not run
+            t_logits = batch.get("teacher_logits")
+            t_out = None
+            if inter is not None or (alpha > 0 and t_logits is None):
+                # alpha = 0 without intermediate terms is plain fine-tuning: the teacher is not run
                 with torch.no_grad():
-                    t_logits = _logits(teacher, input_ids=ids, attention_mask=mask)
-            s_logits = _logits(student, input_ids=ids, attention_mask=mask)
-            loss, parts = distillation_objective(s_logits, t_logits, labels, alpha, temperature, mask)
+                    t_out = teacher(input_ids=ids, attention_mask=mask, **extra_kw)
+                if t_logits is None:
+                    t_logits = t_out.logits if hasattr(t_out, "logits") else t_out[0]
+            if t_logits is not None:
+                t_logits = t_logits.to(dev)
+            s_out = student(input_ids=ids, attention_mask=mask, **extra_kw)
+            s_logits = s_out.logits if hasattr(s_out, "logits") else s_out[0]
+            loss, parts = distillation_objective(
+                s_logits, t_logits if alpha > 0 else None, labels, alpha, temperature, mask
+            )
+            if inter is not None:
+                extra, inter_parts = inter(s_out, t_out, mask)
+                loss = loss + extra
+                for key, value in inter_parts.items():
+                    sums[key] = sums.get(key, 0.0) + value
             if not torch.isfinite(loss):
                 raise NumericsError(
                     f"distillation loss became {float(loss)} in epoch {epoch}; lower the learning rate"
@@ -143,7 +176,9 @@ def distill_model(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
+                nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], max_grad_norm
+                )
             optimizer.step()
             sums["loss"] += float(loss.detach())
             sums["batches"] += 1
@@ -152,15 +187,15 @@ def distill_model(
         if sums["batches"] == 0:
             raise LmshrinkError("the dataloader yielded no batches; give it some data")
         n = sums["batches"]
-        trace.append(
-            {
-                "epoch": epoch,
-                "loss": sums["loss"] / n,
-                "loss_ce": sums["loss_ce"] / n,
-                "loss_kd": sums["loss_kd"] / n,
-                "accuracy": sums["correct"] / max(sums["count"], 1.0),
-            }
-        )
+        row = {
+            "epoch": epoch,
+            "loss": sums["loss"] / n,
+            "loss_ce": sums["loss_ce"] / n,
+            "loss_kd": sums["loss_kd"] / n,
+            "accuracy": sums["correct"] / max(sums["count"], 1.0),
+        }
+        row.update({k: sums[k] / n for k in ("loss_hidden", "loss_attention") if k in sums})
+        trace.append(row)
         log.info("epoch %d: %s", epoch, trace[-1])
     return trace
 
@@ -174,6 +209,10 @@ class TrainConfig(BaseModel):
     ``batch_size`` is the micro-batch of one process; the global batch is ``batch_size x grad_accum x processes``
     blocks of ``seq_len`` tokens. An epoch is one pass over the blocks; ``trace_every`` adds trace rows between
     epoch ends (``None``: one row per epoch plus the last step).
+
+    ``hidden_weight`` / ``attention_weight`` > 0 add hidden-state (``hidden_loss``: "mse" or "cosine", with a learned
+    projection when widths differ) and attention-map terms between the ``layer_map`` pairs (student layer, teacher
+    layer; default: each student layer faces the last teacher layer of its span); they need the live teacher.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -198,6 +237,11 @@ class TrainConfig(BaseModel):
     bf16: bool = True
     progress: bool = True
     resume: bool = True
+    # intermediate distillation terms (online teacher only; see lmshrink.distillation.losses.IntermediateLoss)
+    hidden_weight: float = Field(0.0, ge=0)
+    hidden_loss: Literal["mse", "cosine"] = "mse"
+    attention_weight: float = Field(0.0, ge=0)
+    layer_map: list[tuple[int, int]] | None = None
 
 
 class TrainResult(BaseModel):
@@ -233,6 +277,23 @@ def lr_at(step: int, config: TrainConfig) -> float:
     progress = min((step - config.warmup_steps) / span, 1.0)
     floor = config.min_lr_ratio
     return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def steps_for_epochs(n_blocks: int, epochs: float, config: TrainConfig, world_size: int = 1) -> int:
+    """Optimizer steps that make ``epochs`` passes over ``n_blocks`` blocks, with the loop's own definition of an
+    epoch (``n_blocks // global batch`` full steps; the partial last batch is dropped). Rounding up with a partial
+    batch instead adds a step past the epoch end, i.e. a spurious extra trace row (epoch 1.0111, step 91 of 90).
+
+    >>> steps_for_epochs(1451, 1, TrainConfig(batch_size=16)), steps_for_epochs(1451, 2.5, TrainConfig(batch_size=16))
+    (90, 225)
+    """
+    per_epoch = n_blocks // (config.batch_size * config.grad_accum * world_size)
+    if per_epoch < 1:
+        raise LmshrinkError(
+            f"{n_blocks} blocks are fewer than one global batch "
+            f"({config.batch_size * config.grad_accum * world_size} blocks); give more text or a smaller batch"
+        )
+    return max(round(epochs * per_epoch), 1)
 
 
 def _epoch_order(n_blocks: int, seed: int, epoch: int) -> Tensor:
@@ -325,8 +386,10 @@ class _Loop:
         soft_labels: SoftLabels | None,
         alpha: float,
         temperature: float,
+        inter: IntermediateLoss | None = None,
     ) -> None:
         self.config, self.ctx = config, ctx
+        self.inter = inter
         self.base = model
         self.model = ddp.wrap_model(model, ctx)
         self.blocks = blocks
@@ -339,6 +402,9 @@ class _Loop:
                 f"({self.global_batch} blocks); give more text or lower batch_size/grad_accum"
             )
         self.optimizer = _make_optimizer(model, config)
+        self.extra_params = [p for p in inter.parameters() if p.requires_grad] if inter is not None else []
+        if self.extra_params:  # learned projections of the hidden-state loss, trained alongside (no decay)
+            self.optimizer.add_param_group({"params": self.extra_params, "weight_decay": 0.0})
         self.step = 0
         self.trace: list[dict[str, float]] = []
         self.acc = {"loss": 0.0, "micro": 0.0, "correct": 0.0, "count": 0.0, "tokens": 0.0, "seconds": 0.0}
@@ -358,8 +424,12 @@ class _Loop:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        saved = {k: v for k, v in state["config"].items() if k not in ("progress", "resume", "device")}
-        now = {k: v for k, v in self.config.model_dump().items() if k not in ("progress", "resume", "device")}
+        skip = ("progress", "resume", "device")
+        now = {k: v for k, v in self.config.model_dump().items() if k not in skip}
+        # fields added after a checkpoint was written count as their defaults
+        fields = TrainConfig.model_fields
+        saved = {k: state["config"].get(k, fields[k].default) for k in now}
+        saved = TrainConfig(**saved).model_dump(include=set(now))
         if saved != now:
             diff = sorted(k for k in now if saved.get(k) != now[k])
             raise LmshrinkError(
@@ -388,12 +458,16 @@ class _Loop:
         dev = self.ctx.device
         x = self.blocks[rows].to(dev)
         teacher_logits = None
+        t_out = None
+        kw = self.inter.forward_kwargs() if self.inter is not None else {}
         with _autocast(dev, self.config):
-            if self.teacher is not None and self.alpha > 0:
+            if self.teacher is not None and (self.alpha > 0 or self.inter is not None):
                 with torch.no_grad():
-                    teacher_logits = _logits(self.teacher, input_ids=x)
+                    t_out = self.teacher(input_ids=x, **kw)
+                    teacher_logits = t_out.logits if hasattr(t_out, "logits") else t_out[0]
             with ddp.no_sync(self.model, skip=not sync):
-                logits = _logits(self.model, input_ids=x)
+                s_out = self.model(input_ids=x, **kw)
+                logits = s_out.logits if hasattr(s_out, "logits") else s_out[0]
                 if self.soft is not None and self.alpha > 0:
                     probs, idx, rest = (t.to(dev) for t in self.soft.batch(rows.tolist()))
                     kd = topk_distillation_loss(
@@ -406,9 +480,11 @@ class _Loop:
                     count = x[:, 1:].numel()
                 else:
                     loss, parts = distillation_objective(
-                        logits, teacher_logits, x, self.alpha, self.temperature
+                        logits, teacher_logits if self.alpha > 0 else None, x, self.alpha, self.temperature
                     )
                     correct, count = int(parts["correct"]), int(parts["count"])
+                if self.inter is not None:
+                    loss = loss + self.inter(s_out, t_out)[0]
                 (loss / self.config.grad_accum).backward()
         return float(loss.detach()), correct, count
 
@@ -429,7 +505,13 @@ class _Loop:
         )
         ddp.all_reduce_sum(stats, self.ctx)
         mean_loss = float(stats[0] / stats[1])
-        params = [p for p in self.base.parameters() if p.requires_grad]
+        if self.extra_params and self.ctx.world_size > 1:
+            # DDP averages the student's gradients; the projections live outside it: average them here
+            for p in self.extra_params:
+                if p.grad is not None:
+                    ddp.all_reduce_sum(p.grad, self.ctx)
+                    p.grad /= self.ctx.world_size
+        params = [p for p in self.base.parameters() if p.requires_grad] + self.extra_params
         grad_norm = nn.utils.clip_grad_norm_(
             params, cfg.grad_clip if cfg.grad_clip is not None else float("inf")
         )
@@ -538,6 +620,12 @@ def train_lm(
     t = check_temperature(temperature)
     if teacher is not None and soft_labels is not None:
         raise LmshrinkError("give either a teacher (online distillation) or soft_labels (offline), not both")
+    wants_inter = config.hidden_weight > 0 or config.attention_weight > 0
+    if wants_inter and teacher is None:
+        raise LmshrinkError(
+            "hidden_weight / attention_weight need the live teacher (teacher=...): stored soft labels hold only "
+            "the teacher's output distribution"
+        )
     soft = SoftLabels.open(soft_labels) if isinstance(soft_labels, str | Path) else soft_labels
     ctx = ddp.current_context(config.device)
     blocks = make_blocks(train_ids, config.seq_len) if train_ids is not None else None
@@ -548,8 +636,28 @@ def train_lm(
     if teacher is not None:
         check_vocab(teacher, model)
         teacher.to(ctx.device).eval()
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # projections initialised from the run's seed, global RNG untouched
+        torch.manual_seed(config.seed)
+        inter = (
+            build_intermediate_loss(
+                teacher,
+                model,
+                config.hidden_weight,
+                config.hidden_loss,
+                config.attention_weight,
+                config.layer_map,
+            )
+            if teacher is not None
+            else None
+        )
     mode = (
-        "online" if teacher is not None and a > 0 else "soft-labels" if soft is not None and a > 0 else "none"
+        "online"
+        if teacher is not None and (a > 0 or inter is not None)
+        else "soft-labels"
+        if soft is not None and a > 0
+        else "none"
     )
     if mode == "none":
         a = 0.0
@@ -559,12 +667,14 @@ def train_lm(
     if val_ids is not None:
         vids = val_ids[: config.val_max_tokens] if config.val_max_tokens else val_ids
         val_blocks = make_blocks(vids, config.seq_len)
-    loop = _Loop(model, blocks, config, ctx, teacher, soft, a, t)
+    if inter is not None:
+        inter.to(ctx.device)
+    loop = _Loop(model, blocks, config, ctx, teacher, soft, a, t, inter)
     out = Path(out_dir)
     ckpt = out / "checkpoint"
     resumed = None
     if config.resume and (ckpt / "state.json").exists():
-        loop.restore(load_checkpoint(ckpt, model, loop.optimizer))
+        loop.restore(load_checkpoint(ckpt, model, loop.optimizer, extra=inter))
         resumed = loop.step
         log.info("resumed from %s at step %d", ckpt, loop.step)
     bar = tqdm(
@@ -584,7 +694,7 @@ def train_lm(
             due = config.checkpoint_every is not None and loop.step % config.checkpoint_every == 0
             if due or loop.step == config.steps:
                 if ctx.is_main:
-                    save_checkpoint(ckpt, loop.base, loop.optimizer, loop.state())
+                    save_checkpoint(ckpt, loop.base, loop.optimizer, loop.state(), extra=inter)
                 ddp.barrier(ctx)
     finally:
         bar.close()

@@ -177,7 +177,7 @@ def describe_kernels(model: nn.Module) -> dict[str, Any]:
         if not hasattr(module, "kernel_name"):
             continue
         kname = module.kernel_name
-        if kname in (None, "", "dequantize", "dequantize on the fly"):
+        if kname in (None, "", "dequantize", "dequantize on the fly", "dequantize-on-the-fly"):
             on_the_fly += 1
         else:
             kernels[str(kname)] = kernels.get(str(kname), 0) + 1

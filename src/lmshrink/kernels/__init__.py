@@ -11,6 +11,8 @@ KERNEL_NAMES = (
     "fbgemm-int8-dynamic-per-token",  # CPU: int8 weights per channel, int8 activations per token
     "int8-per-token-fbgemm+amx",  # CPU with AMX-INT8: fbgemm for M < 32 rows, torch._int_mm (oneDNN AMX) above
     "fbgemm-int8-dynamic-per-token+fp32-outliers",  # CPU: LLM.int8() decomposition
+    "int8-weight-only-cpu-bf16",  # CPU with AMX/AVX512-BF16: _weight_int8pack_mm (few rows) / bf16 AMX GEMM
+    "int4-weight-only-cpu-bf16",  # CPU with AMX/AVX512-BF16: _weight_int4pack_mm_for_cpu / decode to bf16 + AMX
     "cuda-int8-mm",  # CUDA: torch._int_mm, column-major weight
     "cuda-int4-weight-only",  # CUDA: torch._weight_int4pack_mm
     "cuda-fp8-scaled-mm",  # CUDA: torch._scaled_mm

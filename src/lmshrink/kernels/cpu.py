@@ -1,11 +1,22 @@
-"""CPU low-precision kernels: fbgemm's int8 GEMM with dynamic per-token activation quantization.
+"""CPU low-precision kernels: int8 GEMMs with dynamic per-token activation quantization, and weight-only int8/int4.
 
-Measured on this project's CPU (torch 2.13, see ``bench/quantize_kernels.py``): ``torch._int_mm`` and the
-``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` ops are slower than fp32 ``F.linear``; fbgemm's dynamic int8
-linear (``quantized::linear_dynamic``, the op behind ``quantize_dynamic``) is faster. That op quantizes activations
-per *tensor*, which breaks models with activation outliers. :func:`int8_linear_per_token` gets per-*token* activation
-quantization out of the same kernel: each row of ``x`` is divided by its absmax (so every row spans [-1, 1] and the
-per-tensor range is the per-token range), the kernel runs without bias, and the output rows are scaled back.
+What runs where (measured with ``bench/quantize_speed.py`` and ``bench/quantize_kernels.py kernels``):
+
+* W8A8 (int8 weights per channel, int8 activations per token): on CPUs with AMX-INT8 (Sapphire Rapids and later)
+  ``torch._int_mm`` (oneDNN, AMX tiles) is 5-15x faster than fp32 ``F.linear`` at 1024 rows, but eager activation
+  quantization and the int32 -> fp32 rescale cost more than the GEMM itself; :mod:`lmshrink.kernels.cpu_ext` fuses
+  both (one C++ pass each), which is what makes the whole-model prefill faster than fp32. Below
+  :data:`AMX_MIN_ROWS` rows (decode) and on CPUs without AMX, fbgemm's dynamic int8 linear
+  (``quantized::linear_dynamic``) is used. That op quantizes activations per *tensor*, which breaks models with
+  activation outliers. :func:`int8_linear_per_token` gets per-*token* activation quantization out of the same
+  kernel: each row of ``x`` is divided by its absmax (so every row spans [-1, 1] and the per-tensor range is the
+  per-token range), the kernel runs without bias, and the output rows are scaled back. On AVX2-only CPUs
+  ``torch._int_mm`` and the ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` ops are slower than fp32.
+* weight-only int8 / int4 (group-wise): on CPUs with AMX-BF16/AVX512-BF16, few rows use the packed GEMV kernels
+  ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` with bfloat16 activations (with float32 activations
+  both are 5-100x slower than fp32), many rows decode the weight to bfloat16 per call and multiply on AMX. Either
+  way the activations are rounded to bfloat16 (relative error ~2^-9, far below the weight quantization error).
+  Elsewhere, and for formats without a kernel (NF4, int3, ...), layers dequantize on the fly and claim no speed.
 
 >>> import torch
 >>> w = torch.randn(16, 32)
@@ -24,6 +35,8 @@ import logging
 from typing import Any
 
 import torch
+
+from lmshrink.kernels import cpu_ext
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +126,41 @@ def amx_int8_available() -> bool:
     return bool(ok)
 
 
+def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 codes of ``x`` (M, K) float32 and their scales (M, 1): ``s = max|x_row| / 127``,
+    ``q = round(x / s)`` (half to even). Fused C++ (:mod:`lmshrink.kernels.cpu_ext`) when built, else eager; the two
+    give identical results."""
+    ext = cpu_ext.load()
+    if ext is not None and x.dtype == torch.float32:
+        q, s = ext.quantize_rows(x.contiguous())
+        return q, s
+    s = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)
+    return torch.round(x / s).clamp_(-127, 127).to(torch.int8), s
+
+
+def rescale_int32(
+    acc: torch.Tensor, sx: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``float(acc) * sx * scale (+ bias)`` for an int32 GEMM output (M, N), row scales ``sx`` (M, 1) and column
+    scales ``scale`` (N,): one fused pass when the C++ helpers are built, else eager (identical results)."""
+    ext = cpu_ext.load()
+    if ext is not None and scale.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
+        return ext.rescale(acc.contiguous(), sx.contiguous(), scale.contiguous(), bias)
+    y = acc.float().mul_(sx).mul_(scale)
+    return y if bias is None else y.add_(bias)
+
+
 def int8_linear_per_token_amx(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``x @ W.T + bias`` via ``torch._int_mm`` (AMX): symmetric int8 per-token ``x`` (M, K), int8 ``qweight``
-    (N, K) with per-channel ``scale`` (N,), int32 accumulation, fp32 out. For M >= :data:`AMX_MIN_ROWS`."""
-    sx = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)  # (M, 1)
-    xq = torch.round(x / sx).to(torch.int8)
-    y = torch._int_mm(xq, qweight.t()).float().mul_(sx).mul_(scale)
-    return y if bias is None else y.add_(bias)
+    (N, K) with per-channel ``scale`` (N,), int32 accumulation, fp32 out. For M >= :data:`AMX_MIN_ROWS`.
+
+    The activation quantization and the int32 -> float32 rescale are fused (:mod:`lmshrink.kernels.cpu_ext`); in
+    eager PyTorch they cost more than the AMX GEMM itself at SmolLM2's shapes.
+    """
+    xq, sx = quantize_per_token_int8(x)
+    return rescale_int32(torch._int_mm(xq, qweight.t()), sx, scale, bias)
 
 
 def quantize_per_token_reference(x: torch.Tensor, reduce_range: bool = False) -> torch.Tensor:
@@ -140,3 +179,87 @@ def quantize_per_token_reference(x: torch.Tensor, reduce_range: bool = False) ->
     q = torch.clamp(torch.round(xn / scale) + zero, 0, qmax)
     xq = (q - zero) * scale
     return xq * s if x.shape[0] > 1 else xq
+
+
+# ---- weight-only (int8 / int4) on CPUs with native bfloat16 matmuls (AMX-BF16 / AVX512-BF16) ------------------
+#: Rows below which weight-only layers use the packed GEMV kernels (``_weight_int8pack_mm`` /
+#: ``_weight_int4pack_mm_for_cpu``); from here on the weight is decoded to bfloat16 and multiplied on AMX.
+WEIGHT_ONLY_GEMV_MAX_ROWS = 8
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_matmul_available() -> bool:
+    """True on CPUs with AMX-BF16 or AVX512-BF16, where oneDNN's bfloat16 GEMM is several times faster than fp32
+    and the packed int8/int4 weight-only kernels are fast for bfloat16 activations (on other CPUs both are slower
+    than fp32 and weight-only layers dequantize on the fly)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = set(next((line for line in fh if line.startswith("flags")), "").split())
+    except OSError:
+        return False
+    if not ({"amx_bf16", "avx512_bf16"} & flags) or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        a, b = torch.randn(4, 32), torch.randn(8, 32)
+        y = torch.nn.functional.linear(a.bfloat16(), b.bfloat16()).float()
+        return bool(((y - a @ b.t()).abs().max() < 0.1 * (a @ b.t()).abs().max()).item())
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def int8_weight_only_bf16(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ones: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ (qweight * scale).T + bias`` with bfloat16 activations: int8 codes (exact in bf16) times ``x`` rounded
+    to bf16, the fp32 per-channel scale applied to the (bf16-rounded) output. Few rows: ``_weight_int8pack_mm``
+    (reads the int8 weight directly; ``ones`` is a cached bf16 vector of N ones, its unit scales); many rows: the
+    codes are cast to bf16 per call and multiplied on AMX."""
+    xb = x.to(torch.bfloat16)
+    if x.shape[0] <= WEIGHT_ONLY_GEMV_MAX_ROWS:
+        if ones is None:
+            ones = torch.ones(qweight.shape[0], dtype=torch.bfloat16)
+        acc = torch.ops.aten._weight_int8pack_mm(xb, qweight, ones)
+    else:
+        acc = torch.nn.functional.linear(xb, qweight.to(torch.bfloat16))
+    # bf16 * fp32 promotes to fp32 inside one kernel (no separate cast pass)
+    return torch.mul(acc, scale) if bias is None else torch.addcmul(bias, acc, scale)
+
+
+def pack_int4_cpu(
+    codes_u4: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, qmin: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unsigned 4-bit codes (N, K) with scales (N, G) and zero points (N, G) or ``None`` (symmetric, ``qmin`` -8)
+    to ``_weight_int4pack_mm_for_cpu``'s layout; it computes ``(u - 8) * s + zf``, so ``zf = (8 + qmin - z) * s``."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_u4.to(torch.int32).contiguous(), 1)
+    s = scale.float()
+    z = zero.float() if zero is not None else torch.zeros_like(s)
+    zf = (8.0 + qmin - z) * s
+    sz = torch.stack([s, zf], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, N, 2)
+    return packed, sz
+
+
+def int4_weight_only_bf16(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    qmin: int,
+    group_size: int,
+    tinygemm: tuple[torch.Tensor, torch.Tensor],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Group-wise int4 weight-only linear with bfloat16 activations: ``_weight_int4pack_mm_for_cpu`` for few rows,
+    else the bit-packed codes are decoded to bf16 in one fused pass (:mod:`cpu_ext`) and multiplied on AMX."""
+    xb = x.to(torch.bfloat16)
+    ext = cpu_ext.load()
+    if x.shape[0] <= WEIGHT_ONLY_GEMV_MAX_ROWS or ext is None:
+        packed, sz = tinygemm
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, group_size, sz)
+    else:
+        w = ext.dequant_int4_bf16(qweight, scale, zero, x.shape[1], qmin)
+        y = torch.nn.functional.linear(xb, w)
+    return y.float() if bias is None else torch.add(bias, y)  # bf16 + fp32 -> fp32 in one kernel

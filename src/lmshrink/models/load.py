@@ -16,11 +16,9 @@ unless the caller passes ``allow_pickle=True``, and even then are read with ``to
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,15 @@ from lmshrink.models.reference import REFERENCE_MODELS, resolve_reference
 from lmshrink.models.save import MANIFEST_NAME, TASK_AUTO_CLASSES, resolve_handler, task_of
 from lmshrink.utils.env import resolve_device
 from lmshrink.utils.resources import check_device, check_load_memory
+from lmshrink.utils.safe_load import (
+    build_on_meta,
+    check_declared_shapes,
+    check_declared_size,
+    declared_tensors,
+    read_config,
+    read_json_object,
+    read_safetensors_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +108,8 @@ def normalize_task(task: str | None) -> str | None:
 def task_from_config(config: Any) -> str:
     """The task a config's ``architectures`` entry implies (``encoder`` when it names a bare model)."""
     for arch in getattr(config, "architectures", None) or []:
+        if not isinstance(arch, str):
+            break
         if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
             return "causal-lm"
         if arch.endswith("ForSequenceClassification"):
@@ -115,26 +124,7 @@ def task_from_config(config: Any) -> str:
 
 def check_safetensors(path: str | os.PathLike[str]) -> None:
     """Validate a safetensors file's header and length; :class:`CorruptFileError` names the file if it is bad."""
-    p = Path(path)
-    size = p.stat().st_size
-    with open(p, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CorruptFileError(f"{p} is truncated: {size} bytes, too short for a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100_000_000):
-            raise CorruptFileError(
-                f"{p} is truncated or not safetensors: header length {n} > file size {size}"
-            )
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw)
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        raise CorruptFileError(f"{p} is corrupt: its safetensors header does not parse ({exc})") from exc
-    if 8 + n + end != size:
-        what = "truncated" if 8 + n + end > size else "corrupt (trailing bytes)"
-        raise CorruptFileError(f"{p} is {what}: header declares {8 + n + end} bytes, the file has {size}")
+    read_safetensors_header(path)
 
 
 def _auto_class(task: str) -> Any:
@@ -177,9 +167,18 @@ def _finish(
 
 
 def _load_hf_dir(
-    folder: Path, *, task: str | None, dtype: torch.dtype | None, allow_pickle: bool, num_labels: int | None
+    folder: Path,
+    *,
+    task: str | None,
+    dtype: torch.dtype | None,
+    allow_pickle: bool,
+    num_labels: int | None,
+    saved_by_lmshrink: bool = False,
 ) -> nn.Module:
-    from transformers import AutoConfig
+    """Load a Hugging Face directory. The header of every safetensors file and ``config.json`` are validated first,
+    the model the config declares is checked against the stored shapes on the meta device (nothing allocated),
+    and a load that would leave weights randomly initialised is refused (:func:`_check_loading_info`)."""
+    from safetensors import SafetensorError
 
     if not (folder / "config.json").is_file():
         raise ModelLoadError(
@@ -195,20 +194,121 @@ def _load_hf_dir(
         )
     if not safetensors and not pickles:
         raise ModelLoadError(f"{folder} has a config.json but no weight files (*.safetensors)")
-    for f in safetensors:
-        check_safetensors(f)
-    try:
-        config = AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError) as exc:
-        raise CorruptFileError(f"{folder / 'config.json'} could not be read: {exc}") from exc
-    task = task or task_from_config(config)
-    kwargs: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto"}
+    if not safetensors:
+        return _load_pickle_weights(pickles, folder, task=task, dtype=dtype)
+    headers = [read_safetensors_header(f) for f in safetensors]
+    config = read_config(folder)
+    stored_task = task_from_config(config)
+    task = task or stored_task
     if task == "sequence-classification" and num_labels is not None:
-        kwargs["num_labels"] = num_labels
+        config.num_labels = num_labels
+    auto = _auto_class(task)
+    where = str(folder / "config.json")
+    meta = build_on_meta(lambda: auto.from_config(config), where)
+    check_declared_shapes(
+        where, declared_tensors(meta), {k: e.shape for h in headers for k, e in h.tensors.items()}
+    )
+    check_declared_size(where, meta, sum(h.data_bytes for h in headers))
+    del meta
+    kwargs: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto"}
     try:
-        return _auto_class(task).from_pretrained(str(folder), use_safetensors=bool(safetensors), **kwargs)  # type: ignore[no-any-return]
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        model, info = auto.from_pretrained(
+            str(folder), config=config, use_safetensors=True, output_loading_info=True, **kwargs
+        )
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError, RecursionError) as exc:
         raise ModelLoadError(f"transformers could not load {folder} as {task}: {exc}") from exc
+    _check_loading_info(folder, model, info, fresh_head_ok=task != stored_task, strict=saved_by_lmshrink)
+    return model  # type: ignore[no-any-return]
+
+
+def _check_loading_info(
+    folder: Path, model: nn.Module, info: dict[str, Any], *, fresh_head_ok: bool, strict: bool
+) -> None:
+    """Refuse a load that left weights randomly initialised (a renamed or missing tensor) or resized them.
+
+    Missing tensors are accepted only for a task head the checkpoint never had (``fresh_head_ok``: a causal LM
+    loaded for sequence classification gets a new classifier). ``strict`` (directories lmshrink saved itself)
+    also refuses tensors the model does not use.
+    """
+    missing = sorted(str(k) for k in info.get("missing_keys") or ())
+    unexpected = sorted(str(k) for k in info.get("unexpected_keys") or ())
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if mismatched:
+        raise CorruptFileError(f"{folder}: tensors whose shape does not match the config: {mismatched[:5]}")
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    is_head_model = bool(prefix) and getattr(model, prefix, None) is not None
+
+    def fresh_head(key: str) -> bool:
+        return fresh_head_ok and is_head_model and not key.startswith(prefix + ".")
+
+    bad = [k for k in missing if not fresh_head(k)]
+    if bad or (strict and unexpected and not fresh_head_ok):
+        instead = f"; the file holds unexpected tensors {unexpected[:5]}" if unexpected else ""
+        what = (
+            f"tensors {bad[:5]} are missing from the weights"
+            if bad
+            else "the weights hold tensors the model does not use"
+        )
+        raise ModelLoadError(
+            f"{folder}: {what}{instead}. Loading would leave them randomly initialised, so lmshrink refuses: the "
+            "checkpoint is damaged, renamed, or belongs to another architecture"
+        )
+    if missing:
+        log.info("%s: new %s head initialised: %s", folder, type(model).__name__, missing[:5])
+    if unexpected:
+        log.warning(
+            "%s: ignored %d tensors %s loads no use for: %s",
+            folder,
+            len(unexpected),
+            type(model).__name__,
+            unexpected[:5],
+        )
+
+
+def _load_pickle_weights(
+    files: list[Path], folder: Path, *, task: str | None, dtype: torch.dtype | None
+) -> nn.Module:
+    """Load pickle weight files (the caller allowed pickles) with ``torch.load(weights_only=True)``, strictly."""
+    from transformers.initialization import no_init_weights
+
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{files[0]}: loading a bare weight file needs a config.json beside it")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            part = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for bad/unsafe pickles
+            raise CorruptFileError(
+                f"{file} could not be read with torch.load(weights_only=True): {exc}"
+            ) from exc
+        if not isinstance(part, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in part.items()
+        ):
+            raise CorruptFileError(f"{file} does not hold a state dict (names -> tensors)")
+        state.update(part)
+    config = read_config(folder)
+    task = task or task_from_config(config)
+    auto = _auto_class(task)
+    where = str(folder / "config.json")
+    meta = build_on_meta(lambda: auto.from_config(config), where)
+    check_declared_shapes(where, declared_tensors(meta), {k: tuple(v.shape) for k, v in state.items()})
+    check_declared_size(where, meta, sum(f.stat().st_size for f in files))
+    del meta
+    try:
+        with no_init_weights():
+            model = auto.from_config(config)
+    except Exception as exc:  # mirrors build_on_meta, which succeeded: only resource errors remain
+        raise ModelLoadError(f"{where}: the model could not be built: {exc}") from exc
+    _, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
+    missing = [k for k, t in model.state_dict().items() if k not in state and t.data_ptr() not in loaded]
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{', '.join(f.name for f in files)} does not match {where}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    return model.to(dtype) if dtype is not None else model  # type: ignore[no-any-return]
 
 
 def _load_pickle_file(
@@ -219,39 +319,15 @@ def _load_pickle_file(
             f"{file} is a pickle file; lmshrink does not unpickle weights by default. Convert it to safetensors, or "
             "pass allow_pickle=True (read with torch.load(weights_only=True)) if you trust it"
         )
-    from transformers import AutoConfig
-
-    if not (file.parent / "config.json").is_file():
-        raise ModelLoadError(f"{file}: loading a bare weight file needs a config.json beside it")
-    config = AutoConfig.from_pretrained(str(file.parent))
-    task = task or task_from_config(config)
-    model = _auto_class(task).from_config(config)
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for bad/unsafe pickles
-        raise CorruptFileError(f"{file} could not be read with torch.load(weights_only=True): {exc}") from exc
-    if not isinstance(state, dict):
-        raise CorruptFileError(f"{file} does not hold a state dict")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"{file} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    model.tie_weights()
-    return model.to(dtype) if dtype is not None else model  # type: ignore[no-any-return]
+    return _load_pickle_weights([file], file.parent, task=task, dtype=dtype)
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``lmshrink.json`` manifest of a saved directory."""
+    """The ``lmshrink.json`` manifest of a saved directory (:class:`CorruptFileError` if it is damaged)."""
     p = Path(folder) / MANIFEST_NAME
-    try:
-        manifest = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CorruptFileError(f"{p} could not be read as JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or "format" not in manifest:
-        raise CorruptFileError(f"{p} is not an lmshrink manifest (no 'format' field)")
+    manifest = read_json_object(p)
+    if not isinstance(manifest.get("format"), str):
+        raise CorruptFileError(f"{p} is not an lmshrink manifest (no 'format' string)")
     return manifest
 
 
@@ -297,11 +373,21 @@ def _load_path(
         manifest = read_manifest(p)
         fmt = manifest["format"]
         if fmt == "dense":
-            task = task or manifest.get("task")
-            return (
-                _load_hf_dir(p, task=task, dtype=dtype, allow_pickle=allow_pickle, num_labels=num_labels),
-                load_tokenizer(p),
+            stored = manifest.get("task")
+            if stored is not None and (not isinstance(stored, str) or stored not in TASK_AUTO_CLASSES):
+                raise CorruptFileError(
+                    f"{p / MANIFEST_NAME}: unknown task {stored!r}; accepted: {', '.join(TASK_AUTO_CLASSES)}"
+                )
+            task = task or stored
+            model = _load_hf_dir(
+                p,
+                task=task,
+                dtype=dtype,
+                allow_pickle=allow_pickle,
+                num_labels=num_labels,
+                saved_by_lmshrink=True,
             )
+            return model, load_tokenizer(p)
         loader = resolve_handler(str(fmt), "load")
         model, tokenizer = loader(
             p, manifest, resolve_device(str(device) if device is not None else None), dtype

@@ -184,13 +184,29 @@ class RunDirectory:
             os.close(fd)
 
     def clean_partial(self) -> list[str]:
-        """Remove stage directories left half-written by a killed run; return their names."""
-        removed = []
+        """Repair what a killed run left in ``stages/`` and return the names removed.
+
+        A stage output whose swap was interrupted is moved back from its ``.NAME.old-PID`` backup first
+        (:func:`lmshrink.utils.io.recover_directory`), so the previous artifact is never lost; then half-written
+        temporaries and backups that are no longer needed are removed. Called under :meth:`lock`, so no writer
+        of this run directory is alive.
+        """
+        from lmshrink.utils.io import recover_directory
+
+        temps = sorted(p.name for p in self.stages.glob(".*.tmp"))
+        for old in sorted(self.stages.glob(".*.old-*")):
+            recover_directory(self.stages / old.name[1:].rsplit(".old-", 1)[0])
+        removed = [name for name in temps if not (self.stages / name).exists()]
+        for old in self.stages.glob(".*.old-*"):  # left only when recover_directory saw a live (reused) pid
+            final = self.stages / old.name[1:].rsplit(".old-", 1)[0]
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                removed.append(old.name)
+            else:
+                os.replace(old, final)
         for tmp in self.stages.glob(".*.tmp"):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp.name)
-        for old in self.stages.glob(".*.old-*"):
-            shutil.rmtree(old, ignore_errors=True)
         return removed
 
     def read_status(self) -> dict[str, Any]:

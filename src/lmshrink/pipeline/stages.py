@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lmshrink.errors import LmshrinkError
+from lmshrink.models.arch import DEFAULT_SKIP
 from lmshrink.pipeline.runner import StageContext, register_stage
 from lmshrink.recipes import (
     DistillStage,
@@ -76,27 +77,36 @@ def corpus_ids(tokenizer: Any, source: TextSource) -> tuple[torch.Tensor, torch.
 
 
 def train_config(opts: TrainOptions, n_tokens: int, seed: int, device: str) -> Any:
-    """:class:`lmshrink.distillation.TrainConfig` for ``opts`` (epochs -> optimizer steps over ``n_tokens``)."""
+    """:class:`lmshrink.distillation.TrainConfig` for ``opts`` (epochs -> optimizer steps over ``n_tokens``, with
+    the training loop's definition of an epoch: whole batches only)."""
     from lmshrink.distillation import TrainConfig
+    from lmshrink.distillation.trainer import steps_for_epochs
 
     blocks = max(n_tokens // opts.seq_len, 1)
-    steps = opts.max_steps or max(math.ceil(opts.epochs * blocks / opts.batch_size), 1)
     fields: dict[str, Any] = {
-        "steps": steps,
+        "steps": 1,
         "batch_size": opts.batch_size,
         "seq_len": opts.seq_len,
         "lr": opts.lr,
         "weight_decay": opts.weight_decay,
-        "warmup_steps": min(opts.warmup_steps, max(steps - 1, 0)),
+        "warmup_steps": 0,
         "grad_clip": opts.grad_clip,
         "seed": seed,
         "device": device,
         "progress": False,
-        "checkpoint_every": max(steps // 4, 1),
+        "checkpoint_every": 1,
         **opts.extra,
     }
     try:
-        return TrainConfig(**fields)
+        config = TrainConfig(**fields)
+        steps = opts.max_steps or steps_for_epochs(blocks, opts.epochs, config)
+        return config.model_copy(
+            update={
+                "steps": steps,
+                "warmup_steps": min(opts.warmup_steps, max(steps - 1, 0)),
+                "checkpoint_every": max(steps // 4, 1),
+            }
+        )
     except ValueError as exc:
         raise LmshrinkError(f"invalid training options {sorted(opts.extra)}: {exc}") from exc
 
@@ -377,6 +387,9 @@ def run_prune(ctx: StageContext, cfg: PruneStage) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ quantize
+_HEAD_AND_EMBEDDING_SKIPS = (r"(^|\.)lm_head$", r"embed", r"(^|\.)wte$", r"(^|\.)wpe$")
+
+
 @register_stage("quantize")
 def run_quantize(ctx: StageContext, cfg: QuantizeStage) -> dict[str, Any]:
     """Quantize the input model with :func:`lmshrink.quantization.quantize_model` (per bit width with a plan)."""
@@ -395,6 +408,8 @@ def run_quantize(ctx: StageContext, cfg: QuantizeStage) -> dict[str, Any]:
         **cfg.options,
     }
     plan_info: dict[str, Any] | None = None
+    if cfg.quantize_embeddings and "skip" not in base:  # the LM head too (options.skip still overrides)
+        base["skip"] = [p for p in DEFAULT_SKIP if p not in _HEAD_AND_EMBEDDING_SKIPS]
     if cfg.plan is None:
         configs = [QuantConfig(**base, format=cfg.format, group_size=cfg.group_size)]
     else:
@@ -417,8 +432,9 @@ def run_quantize(ctx: StageContext, cfg: QuantizeStage) -> dict[str, Any]:
     calibration = None
     if any(c.needs_calibration for c in configs):
         calibration = _calibration(tok, cal.data, cal.n_samples, cal.seq_len, ctx.recipe.seed)
-    for config in configs:
-        quantize_model(model, config, calibration)
+    for i, config in enumerate(configs):
+        # embeddings (and the tied LM head) once, with the first (widest-reaching) config
+        quantize_model(model, config, calibration, embeddings=cfg.quantize_embeddings and i == 0)
     out: dict[str, Any] = {
         "model": save_stage_model(ctx, model, tok),
         "quant": [c.model_dump(mode="json") for c in configs],
@@ -472,6 +488,26 @@ def _task(model: nn.Module) -> str:
     return task_of(model)
 
 
+@torch.no_grad()
+def count_nonzero_weights(model: nn.Module) -> int:
+    """Nonzero weights: float parameters (tied ones once) and the decoded weights of packed layers (a pruned then
+    quantized model keeps its zeros as zero codes). Equals the parameter count of a dense model, almost surely."""
+    from lmshrink.quantization.linear import QuantLinear
+
+    seen: set[int] = set()
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            if getattr(mod, "tied_to", None) is None:  # a tied QuantEmbedding is its head's weight
+                total += int(torch.count_nonzero(mod.dequantize_weight()))
+            continue
+        for p in mod.parameters(recurse=False):
+            if id(p) not in seen and p.is_floating_point():
+                seen.add(id(p))
+                total += int(torch.count_nonzero(p))
+    return total
+
+
 @register_stage("evaluate")
 def run_evaluate(ctx: StageContext, cfg: EvaluateStage) -> dict[str, Any]:
     """Measure every model with one protocol; per-model results are cached by model fingerprint and protocol."""
@@ -495,7 +531,14 @@ def run_evaluate(ctx: StageContext, cfg: EvaluateStage) -> dict[str, Any]:
         log.info("evaluating %s", name)
         models[name] = evaluate_one(ctx, name, cfg)
         atomic_write_json(cache, models[name])
-    return {"models": models, "baseline": cfg.baseline or names[0], "protocol": protocol}
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "models": models,
+        "baseline": cfg.baseline or names[0],
+        "protocol": protocol,
+        # speed figures taken on a busy machine are not comparable with an idle one: say how busy it was
+        "load_average_1min": round(load[0], 2) if load else None,
+    }
 
 
 def evaluate_one(ctx: StageContext, name: str, cfg: EvaluateStage) -> dict[str, Any]:
@@ -509,6 +552,7 @@ def evaluate_one(ctx: StageContext, name: str, cfg: EvaluateStage) -> dict[str, 
         "stage_type": ctx.recipe.stage(name).type,
         "format": size.format,
         "parameters": size.parameters,
+        "nonzero_parameters": count_nonzero_weights(model),
         "bytes_on_disk": size.bytes_on_disk,
         "bits_per_weight": size.disk_bits_per_weight or size.bits_per_weight,
     }

@@ -12,12 +12,12 @@ from torch import nn
 from lmshrink.errors import LmshrinkError
 from lmshrink.models.arch import count_parameters, linear_weight_oi
 from lmshrink.pruning.calibrate import check_calibration
-from lmshrink.pruning.config import PruneConfig, make_config
+from lmshrink.pruning.config import STRUCTURED, PruneConfig, make_config
 from lmshrink.pruning.magnitude import apply_weight_pruning
 from lmshrink.pruning.masks import PruningMasks, sparsity_of
 from lmshrink.pruning.report import LayerRecord, PruneReport
 from lmshrink.pruning.sparsegpt import prune_sparsegpt
-from lmshrink.pruning.structured import prune_heads, prune_layers, prune_neurons
+from lmshrink.pruning.structured import prune_structured
 from lmshrink.pruning.wanda import prune_wanda
 from lmshrink.utils.env import provenance
 
@@ -82,29 +82,11 @@ def _unstructured(
     return records
 
 
-@register_pruner("heads")
-def _heads(
+@register_pruner("heads", "neurons", "layers")
+def _structured(
     model: nn.Module, config: PruneConfig, calibration: Batches | None, progress: bool
 ) -> list[LayerRecord]:
-    return prune_heads(
-        model, check_calibration(calibration, "heads"), config.sparsity or 0.0, config.min_keep
-    )
-
-
-@register_pruner("neurons")
-def _neurons(
-    model: nn.Module, config: PruneConfig, calibration: Batches | None, progress: bool
-) -> list[LayerRecord]:
-    return prune_neurons(
-        model, check_calibration(calibration, "neurons"), config.sparsity or 0.0, config.min_keep
-    )
-
-
-@register_pruner("layers")
-def _layers(
-    model: nn.Module, config: PruneConfig, calibration: Batches | None, progress: bool
-) -> list[LayerRecord]:
-    return prune_layers(model, check_calibration(calibration, "layers"), config.sparsity or 0.0)
+    return prune_structured(model, config, calibration)
 
 
 def prune_model(
@@ -143,7 +125,7 @@ def prune_model(
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0
-    structured = config.method in ("heads", "neurons", "layers")
+    structured = config.method in STRUCTURED
     total = 0 if structured else sum(int(torch.Size(r.shape).numel()) for r in records)
     pruned = 0 if structured else sum(round(r.sparsity * torch.Size(r.shape).numel()) for r in records)
     dtype = next((p.dtype for p in model.parameters()), None)

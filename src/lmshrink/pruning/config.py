@@ -44,6 +44,16 @@ class PruneConfig(BaseModel):
     min_keep: float = Field(
         0.1, ge=0.0, lt=1.0, description="structured: least fraction of units kept per block"
     )
+    reconstruct: bool = Field(
+        False,
+        description="heads/neurons: after removal, re-fit o_proj/down_proj by least squares on calibration "
+        "activations (block by block, inputs from the already pruned blocks)",
+    )
+    layer_importance: Literal["influence", "loss"] = Field(
+        "influence",
+        description="layers: rank blocks by Block Influence (1 - cos of input/output hidden states) or by the "
+        "measured calibration-loss increase when each block alone is skipped",
+    )
     calib: str = "c4"
     n_samples: int = Field(64, gt=0)
     seq_len: int = Field(512, gt=0)
@@ -77,6 +87,10 @@ class PruneConfig(BaseModel):
             raise LmshrinkError(f"nm applies to unstructured methods, not to {self.method!r}")
         elif self.nm is None and self.sparsity is None:
             raise LmshrinkError(f"method {self.method!r} needs a sparsity in [0, 1), e.g. sparsity=0.5")
+        if self.reconstruct and self.method not in ("heads", "neurons"):
+            raise LmshrinkError(f"reconstruct applies to methods 'heads' and 'neurons', not {self.method!r}")
+        if self.layer_importance != "influence" and self.method != "layers":
+            raise LmshrinkError(f"layer_importance applies to method 'layers', not {self.method!r}")
         return self
 
     @property

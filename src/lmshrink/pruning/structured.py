@@ -14,7 +14,13 @@ Importance comes from calibration data (one pass, original activations):
 - neurons: ``|activation| * ||down_proj column||``, i.e. the neuron's contribution norm,
 - blocks: Block Influence (1 - cosine similarity of a block's input and output hidden states, ShortGPT),
 each divided by the norm of the block's input residual stream so that scores compare across blocks. Heads and neurons
-are ranked globally (each block keeps at least ``min_keep`` of its units and at least one); blocks by influence.
+are ranked globally (each block keeps at least ``min_keep`` of its units and at least one); blocks by influence, or
+(``layer_importance="loss"``) by the measured calibration-loss increase when each block alone is skipped.
+
+Recovery (``reconstruct=True``, heads and neurons): after removal the projection that reads the removed units
+(``o_proj`` / ``down_proj``) is re-fit by ridge-regularised least squares so that it reproduces the full layer's
+output from the kept inputs, block by block on calibration inputs that went through the already pruned blocks.
+It adds no parameters and costs one calibration pass.
 """
 
 from __future__ import annotations
@@ -23,16 +29,19 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from lmshrink.errors import LmshrinkError
+from lmshrink.errors import LmshrinkError, NumericsError
 from lmshrink.models.arch import count_parameters, find_layers, set_submodule
 from lmshrink.models.layerwise import BlockInput, block_output, run_layerwise
 from lmshrink.pruning.masks import check_sparsity
 from lmshrink.pruning.report import LayerRecord
+
+if TYPE_CHECKING:
+    from lmshrink.pruning.config import PruneConfig
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +147,9 @@ def _set_head_attrs(attn: nn.Module, heads: int, kv_heads: int, hd: int) -> None
             setattr(attn, attr, value)
 
 
-def keep_groups(block: nn.Module, groups: Sequence[int]) -> None:
-    """Keep only the KV groups ``groups`` (sorted indices) of one block's attention."""
+def keep_groups(block: nn.Module, groups: Sequence[int]) -> torch.Tensor:
+    """Keep only the KV groups ``groups`` (sorted indices) of one block's attention; returns the kept ``o_proj``
+    input columns."""
     spec, hd, shape = block_spec(block), head_dim(block), block_shape(block)
     per_group = shape["heads"] // shape["kv_heads"]
     g = torch.as_tensor(sorted(groups), dtype=torch.long)
@@ -150,15 +160,18 @@ def keep_groups(block: nn.Module, groups: Sequence[int]) -> None:
         set_submodule(block, path, _slice_linear(_linear(block, path), 0, rows))
     set_submodule(block, spec.o, _slice_linear(_linear(block, spec.o), 1, q_rows))
     _set_head_attrs(block.get_submodule(spec.attention), len(q_heads), len(g), hd)
+    return q_rows
 
 
-def keep_neurons(block: nn.Module, neurons: Sequence[int] | torch.Tensor) -> None:
-    """Keep only the MLP neurons ``neurons`` of one block (rows of the input projections, columns of the output)."""
+def keep_neurons(block: nn.Module, neurons: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Keep only the MLP neurons ``neurons`` of one block (rows of the input projections, columns of the output);
+    returns the kept indices (sorted)."""
     spec = block_spec(block)
     idx = torch.as_tensor(neurons, dtype=torch.long).sort().values
     for path in spec.mlp_in:
         set_submodule(block, path, _slice_linear(_linear(block, path), 0, idx))
     set_submodule(block, spec.mlp_out, _slice_linear(_linear(block, spec.mlp_out), 1, idx))
+    return idx
 
 
 def record_shapes(model: nn.Module) -> list[dict[str, int]]:
@@ -261,11 +274,13 @@ def remove_layers(model: nn.Module, layer_ids: Sequence[int]) -> None:
 
 @dataclass
 class Importance:
-    """Per-block calibration scores: head groups (n_groups,), neurons (intermediate,), block influence."""
+    """Per-block calibration scores: head groups (n_groups,), neurons (intermediate,), block influence, and (on
+    demand) the measured loss increase of skipping each block."""
 
     groups: list[torch.Tensor]
     neurons: list[torch.Tensor]
     influence: list[float]
+    layer_loss: list[float] | None = None  # filled on demand by prune_layers(score='loss')
 
 
 @torch.no_grad()
@@ -366,19 +381,133 @@ def _records(
     return out
 
 
+# ----------------------------------------------------------------------------------------------- reconstruction
+
+
+class InputGram:
+    """Running ``sum x x^T``, ``sum x`` and token count of a linear layer's inputs (float64)."""
+
+    def __init__(self, in_features: int) -> None:
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.sum = torch.zeros(in_features, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double().cpu()
+        self.xtx += x.T @ x
+        self.sum += x.sum(0)
+        self.n += x.shape[0]
+
+
+@torch.no_grad()
+def refit_input_columns(lin: nn.Linear, keep: torch.Tensor, gram: InputGram, damp: float = 0.01) -> nn.Linear:
+    """A new ``nn.Linear`` reading only input columns ``keep`` whose weights (and bias) are the least-squares fit
+    of the full layer's outputs on the calibration inputs summarised by ``gram``:
+    ``W' = argmin ||X_S W'^T + b' - (X W^T + b)||^2 + lambda ||W' - W_S||^2`` (ridge towards plain removal,
+    ``lambda = damp * mean diag``), i.e. ``W' = (W G[:, S] + lambda W_S) (G[S, S] + lambda I)^-1`` with
+    ``G = E[x x^T]`` (augmented with a constant input when the layer has a bias)."""
+    if gram.n == 0:
+        raise LmshrinkError("least-squares re-fit needs calibration inputs, the statistics are empty")
+    keep = torch.as_tensor(keep, dtype=torch.long).cpu()
+    d = lin.in_features
+    G = gram.xtx / gram.n
+    W = lin.weight.detach().double().cpu()
+    idx = keep
+    if lin.bias is not None:
+        mean = (gram.sum / gram.n).unsqueeze(1)
+        G = torch.cat([torch.cat([G, mean], 1), torch.cat([mean.T, torch.ones(1, 1, dtype=G.dtype)], 1)], 0)
+        W = torch.cat([W, lin.bias.detach().double().cpu().unsqueeze(1)], 1)
+        idx = torch.cat([keep, torch.tensor([d])])
+    Gss = G[idx][:, idx]
+    lam = damp * float(torch.diag(Gss).mean().clamp_min(1e-12))
+    rhs = W @ G[:, idx] + lam * W[:, idx]  # (out, |S|)
+    new_w = torch.linalg.solve(Gss + lam * torch.eye(len(idx), dtype=G.dtype), rhs.T).T
+    if not torch.isfinite(new_w).all():
+        raise NumericsError("least-squares re-fit produced NaN/Inf; raise damp or use more calibration data")
+    new = _slice_linear(lin, 1, keep)
+    dtype = new.weight.dtype
+    new.weight.copy_(new_w[:, : len(keep)].to(dtype))
+    if new.bias is not None:
+        new.bias.copy_(new_w[:, -1].to(dtype))
+    return new
+
+
+def _remove_with_refit(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    unit: str,
+    plan: Mapping[int, Sequence[int]],
+    damp: float = 0.01,
+) -> None:
+    """Remove ``plan``'s units block by block (inputs from the already pruned blocks) and re-fit the projection
+    that reads them (``o_proj`` for head groups, ``down_proj`` for neurons) by least squares."""
+    from lmshrink.pruning.calibrate import collect_stats
+
+    def process(index: int, block: nn.Module, inputs: list[BlockInput]) -> None:
+        drop = set(plan.get(index, []))
+        if not drop:
+            return
+        spec = block_spec(block)
+        path = spec.o if unit == "head_groups" else spec.mlp_out
+        lin = _linear(block, path)
+        gram = collect_stats(block, inputs, {path: lin}, lambda _m: InputGram(lin.in_features))[path]
+        if unit == "head_groups":
+            n = block_shape(block)["kv_heads"]
+            cols = keep_groups(block, [g for g in range(n) if g not in drop])
+        else:
+            n = block_shape(block)["intermediate"]
+            cols = keep_neurons(block, [u for u in range(n) if u not in drop])
+        set_submodule(block, path, refit_input_columns(lin, cols, gram, damp))
+
+    run_layerwise(model, batches, process, propagate_transformed=True)
+    record_shapes(model)
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+
+_UNITS = {"heads": "head_groups", "neurons": "neurons"}
+
+
+def prune_units(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    method: str,
+    sparsity: float,
+    min_keep: float = 0.1,
+    importance: Importance | None = None,
+    reconstruct: bool = False,
+) -> list[LayerRecord]:
+    """Remove ``sparsity`` of all KV head groups (``method="heads"``) or MLP neurons (``"neurons"``) with the
+    lowest calibrated contribution, physically; with ``reconstruct`` re-fit the reading projection afterwards."""
+    if method not in _UNITS:
+        raise LmshrinkError(f"prune_units removes 'heads' or 'neurons', got {method!r}")
+    unit = _UNITS[method]
+    imp = importance or compute_importance(model, batches)
+    scores = imp.groups if method == "heads" else imp.neurons
+    plan = global_plan(scores, sparsity, min_keep)
+    records = _records(model, scores, plan, unit)
+    if method == "neurons":  # neuron scores are long: keep min / median / max in the report
+        for r in records:
+            r.importance = None if r.importance is None else _summary(r.importance)
+    if reconstruct:
+        _remove_with_refit(model, batches, unit, plan)
+    elif method == "heads":
+        remove_heads(model, plan)
+    else:
+        remove_neurons(model, plan)
+    return records
+
+
 def prune_heads(
     model: nn.Module,
     batches: Sequence[dict[str, torch.Tensor]],
     sparsity: float,
     min_keep: float = 0.1,
     importance: Importance | None = None,
+    reconstruct: bool = False,
 ) -> list[LayerRecord]:
     """Remove ``sparsity`` of all KV head groups (lowest calibrated contribution), physically."""
-    imp = importance or compute_importance(model, batches)
-    plan = global_plan(imp.groups, sparsity, min_keep)
-    records = _records(model, imp.groups, plan, "head_groups")
-    remove_heads(model, plan)
-    return records
+    return prune_units(model, batches, "heads", sparsity, min_keep, importance, reconstruct)
 
 
 def prune_neurons(
@@ -387,15 +516,10 @@ def prune_neurons(
     sparsity: float,
     min_keep: float = 0.1,
     importance: Importance | None = None,
+    reconstruct: bool = False,
 ) -> list[LayerRecord]:
     """Remove ``sparsity`` of all MLP neurons (lowest calibrated contribution), physically."""
-    imp = importance or compute_importance(model, batches)
-    plan = global_plan(imp.neurons, sparsity, min_keep)
-    records = _records(model, imp.neurons, plan, "neurons")
-    for r in records:
-        r.importance = None if r.importance is None else _summary(r.importance)
-    remove_neurons(model, {b: units for b, units in plan.items()})
-    return records
+    return prune_units(model, batches, "neurons", sparsity, min_keep, importance, reconstruct)
 
 
 def _summary(values: list[float] | float) -> list[float] | float:
@@ -406,28 +530,76 @@ def _summary(values: list[float] | float) -> list[float] | float:
     return [float(t.min()), float(t.median()), float(t.max())]
 
 
+@torch.no_grad()
+def _calibration_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    """Mean next-token loss of a causal LM over ``batches``."""
+    total, count = 0.0, 0
+    for batch in batches:
+        ids = batch["input_ids"]
+        out = model(**batch, labels=ids, use_cache=False)
+        if getattr(out, "loss", None) is None:
+            raise LmshrinkError("layer_importance='loss' needs a causal LM (a model that returns a loss)")
+        n = ids[:, 1:].numel()
+        total += float(out.loss) * n
+        count += n
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def layer_loss_importance(
+    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], max_batches: int = 2
+) -> list[float]:
+    """Per block: calibration-loss increase when that block alone is skipped (its output replaced by its input),
+    measured on the first ``max_batches`` calibration batches. Higher = more important."""
+    _, layers = find_layers(model)
+    use = list(batches)[:max_batches]
+    base = _calibration_loss(model, use)
+    scores = []
+    for block in layers:
+
+        def skip(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return hidden if isinstance(out, torch.Tensor) else (hidden, *out[1:])
+
+        handle = block.register_forward_hook(skip, with_kwargs=True)
+        try:
+            scores.append(_calibration_loss(model, use) - base)
+        finally:
+            handle.remove()
+    return scores
+
+
 def prune_layers(
     model: nn.Module,
     batches: Sequence[dict[str, torch.Tensor]],
     sparsity: float,
     importance: Importance | None = None,
+    score: str = "influence",
 ) -> list[LayerRecord]:
-    """Remove ``round(sparsity * num_layers)`` blocks with the lowest Block Influence."""
+    """Remove ``round(sparsity * num_layers)`` blocks with the lowest Block Influence (``score="influence"``) or
+    the lowest measured loss increase (``score="loss"``; cached on ``importance.layer_loss``)."""
     check_sparsity(sparsity)
-    imp = importance or compute_importance(model, batches)
-    n = len(imp.influence)
+    if score == "loss":
+        imp = importance or Importance([], [], [])
+        if imp.layer_loss is None:
+            imp.layer_loss = layer_loss_importance(model, batches)
+        values = imp.layer_loss
+    elif score == "influence":
+        values = (importance or compute_importance(model, batches)).influence
+    else:
+        raise LmshrinkError(f"layer importance must be 'influence' or 'loss', got {score!r}")
+    n = len(values)
     k = round(sparsity * n)
-    order = sorted(range(n), key=lambda i: imp.influence[i])
-    drop = sorted(order[:k])
     if k >= n:
         raise LmshrinkError(f"sparsity {sparsity} would remove all {n} layers; keep at least one block")
+    drop = sorted(sorted(range(n), key=lambda i: values[i])[:k])
     path, _ = find_layers(model)
     records = [
         LayerRecord(
             name=f"{path}.{i}",
             shape=[1],
             sparsity=float(i in drop),
-            importance=imp.influence[i],
+            importance=values[i],
             removed=[0] if i in drop else [],
             kept=int(i not in drop),
         )
@@ -435,6 +607,25 @@ def prune_layers(
     ]
     remove_layers(model, drop)
     return records
+
+
+def prune_structured(
+    model: nn.Module,
+    config: PruneConfig,
+    batches: Sequence[dict[str, torch.Tensor]] | None,
+    importance: Importance | None = None,
+) -> list[LayerRecord]:
+    """Apply a structured :class:`~lmshrink.pruning.config.PruneConfig` (``heads``/``neurons``/``layers``);
+    ``importance`` may be shared between calls on the same dense model (it is computed when absent)."""
+    from lmshrink.pruning.calibrate import check_calibration
+
+    batches = check_calibration(batches, config.method)
+    sparsity = config.sparsity or 0.0
+    if config.method == "layers":
+        return prune_layers(model, batches, sparsity, importance, config.layer_importance)
+    return prune_units(
+        model, batches, config.method, sparsity, config.min_keep, importance, config.reconstruct
+    )
 
 
 def parameter_count(model: nn.Module) -> int:

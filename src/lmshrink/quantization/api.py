@@ -87,19 +87,32 @@ def _validate(model: nn.Module, config: QuantConfig, calibration: Batches | None
 
 
 def quantize_model(
-    model: nn.Module, config: QuantConfig | dict[str, Any], calibration: Batches | None = None
+    model: nn.Module,
+    config: QuantConfig | dict[str, Any],
+    calibration: Batches | None = None,
+    *,
+    embeddings: bool = False,
 ) -> nn.Module:
     """Quantize ``model`` in place with ``config`` and return it (``model.lmshrink_format = "quantized"``).
 
     Everything is validated before any layer changes (formats, group sizes, finite weights, calibration), so a
     failure leaves the model untouched. ``calibration``: batches like ``{"input_ids": LongTensor (1, L)}``.
+    ``embeddings=True`` also stores the ``nn.Embedding`` tables packed (RTN, same format; a table tied to the LM
+    head shares its packed tensors): see :mod:`lmshrink.quantization.embedding`.
     """
     cfg = config if isinstance(config, QuantConfig) else QuantConfig(**config)
     layers = _validate(model, cfg, calibration)
     handler = get_handler(cfg.method)
+    emb_plan = None
+    if embeddings:
+        from lmshrink.quantization.embedding import plan_embeddings, quantize_embeddings
+
+        emb_plan = plan_embeddings(model, cfg.weight_spec())
     log.info("quantizing %d linear layers with %s/%s", len(layers), cfg.method, cfg.format)
     with torch.no_grad():
         handler(model, cfg, layers, calibration)
+        if emb_plan is not None:
+            quantize_embeddings(model, cfg.weight_spec(), emb_plan)
     model.lmshrink_format = "quantized"  # type: ignore[assignment]
     model.lmshrink_quant_config = cfg.model_dump(mode="json")  # type: ignore[assignment]
     return model
@@ -167,16 +180,18 @@ def replace_with_quantized(
     spec: Any,
     act: Any,
     scale: torch.Tensor | None,
+    threshold: float | None = None,
 ) -> None:
-    """Swap ``block.<rel>`` for a QuantLinear of ``w`` (times the per-input-channel ``scale``, undone on the input)."""
+    """Swap ``block.<rel>`` for a QuantLinear of ``w`` (times the per-input-channel ``scale``, undone on the input);
+    ``threshold``: keep input columns with any ``|x| > threshold`` in fp32 (LLM.int8() decomposition)."""
     from lmshrink.models.arch import set_submodule
     from lmshrink.quantization.linear import QuantLinear
 
     if scale is not None:
-        q = QuantLinear.from_weight(w * scale, b, spec, act=act, input_scale=True)
+        q = QuantLinear.from_weight(w * scale, b, spec, act=act, input_scale=True, threshold=threshold)
         q.set_input_scale(1.0 / scale)
     else:
-        q = QuantLinear.from_weight(w, b, spec, act=act)
+        q = QuantLinear.from_weight(w, b, spec, act=act, threshold=threshold)
     set_submodule(block, rel, q.to(w.device))
 
 

@@ -100,14 +100,22 @@ class QuantConfig(BaseModel):
     activations: Literal["auto", "int8", "float"] = "auto"
     targets: list[str] = Field(default_factory=lambda: [r".*"])
     skip: list[str] = Field(default_factory=lambda: list(DEFAULT_SKIP))
-    # GPTQ
-    act_order: bool = False
+    # GPTQ (act-order on by default: with outlier input channels, quantizing them last leaves their error nowhere
+    # to go; measured on smollm2-135m int4 g64, KL vs fp32 0.41 -> 0.27; groups stay static, no g_idx needed)
+    act_order: bool = True
     damp: float = Field(default=0.01, gt=0.0, le=1.0)
     block_size: int = Field(default=128, ge=1)
     # AWQ
     grid: int = Field(default=20, ge=1, le=1000)
     # SmoothQuant
     alpha: float | Literal["auto"] = "auto"
+    #: SmoothQuant: "auto" lets a layer keep fp32 outlier columns (threshold ``threshold``) where calibration shows
+    #: it at least halves the W8A8 error (see lmshrink.quantization.smoothquant); "none": pure W8A8 everywhere.
+    outliers: Literal["auto", "none"] = "auto"
+    #: SmoothQuant: regexes of layers that keep float activations (int8 weights, weight-only): the stated fallback
+    #: for layers whose activations per-token int8 cannot carry (smollm2-135m: ``["down_proj"]``). No int8 kernel
+    #: for those layers.
+    float_activations: list[str] = Field(default_factory=list)
     # LLM.int8()
     threshold: float = Field(default=6.0, gt=0.0)
     calibration: CalibrationConfig = Field(default_factory=lambda: CalibrationConfig())
@@ -132,7 +140,7 @@ class QuantConfig(BaseModel):
             raise LmshrinkError(f"alpha must be in [0, 1] or 'auto', got {alpha!r}")
         return alpha
 
-    @field_validator("targets", "skip")
+    @field_validator("targets", "skip", "float_activations")
     @classmethod
     def _valid_regexes(cls, patterns: list[str]) -> list[str]:
         for p in patterns:
@@ -156,6 +164,10 @@ class QuantConfig(BaseModel):
         if self.method in ("gptq", "awq") and not spec.is_integer:
             raise LmshrinkError(
                 f"method {self.method!r} needs an integer format (int2..int8, intN-asym), got {self.format!r}"
+            )
+        if self.float_activations and self.method != "smoothquant":
+            raise LmshrinkError(
+                f"float_activations applies to method 'smoothquant' only, got method {self.method!r}"
             )
         if self.activations == "int8" and not (
             spec.format == "int8" and spec.symmetric and self.group_size is None

@@ -113,7 +113,7 @@ class GPTQ:
             for i in range(i2 - i1):
                 col = int(perm[i1 + i])
                 if gs is not None and not actorder and col % gs == 0:  # dynamic group: fit on updated weights
-                    s, z = compute_qparams(_cols(w, w1, i1, i, gs), per_channel)
+                    s, z = compute_qparams(_group_cols(w, w1, err1, hinv, i1, i, gs), per_channel)
                     scale[:, col // gs], zero[:, col // gs] = _round_scale(s, grid).flatten(), z.flatten()
                 g = 0 if gs is None else col // gs
                 s_col, z_col = scale[:, g], zero[:, g]
@@ -131,13 +131,22 @@ class GPTQ:
         return codes, scale, zero
 
 
-def _cols(w: torch.Tensor, w1: torch.Tensor, i1: int, i: int, gs: int) -> torch.Tensor:
-    """Columns [i1+i, i1+i+gs) of the working weight: the part inside the current block comes from ``w1``."""
+def _group_cols(
+    w: torch.Tensor, w1: torch.Tensor, err1: torch.Tensor, hinv: torch.Tensor, i1: int, i: int, gs: int
+) -> torch.Tensor:
+    """Columns ``[i1+i, i1+i+gs)`` of the working weight with every update so far applied.
+
+    Inside the current block they are ``w1`` (updated column by column). A group that runs past the block's end
+    also needs the block's pending (lazy) update of those later columns, ``-err1[:, :i] @ hinv[block, later]``:
+    without it the group's scale would be fitted on weights that are not the ones then quantized.
+    """
     inside = w1[:, i : i + gs]
     rest = gs - inside.shape[1]
-    return (
-        inside if rest == 0 else torch.cat([inside, w[:, i1 + w1.shape[1] : i1 + w1.shape[1] + rest]], dim=1)
-    )
+    if rest == 0:
+        return inside
+    i2 = i1 + w1.shape[1]
+    later = w[:, i2 : i2 + rest] - err1[:, :i] @ hinv[i1 : i1 + i, i2 : i2 + rest]
+    return torch.cat([inside, later], dim=1)
 
 
 def quantize_gptq(

@@ -237,6 +237,11 @@ class QuantLinear(nn.Module):
             if cpu_kernels.amx_int8_available():
                 return "int8-per-token-fbgemm+amx"
             return "fbgemm-int8-dynamic-per-token"
+        if dev == "cpu" and self.act == "float" and cpu_kernels.bf16_matmul_available():
+            if _int8_per_channel(self.spec):
+                return "int8-weight-only-cpu-bf16"
+            if self._int4_tinygemm_ok():
+                return "int4-weight-only-cpu-bf16"
         if dev == "cuda" and self.act == "int8" and self.threshold is None:
             return "cuda-int8-mm"
         if (
@@ -251,6 +256,14 @@ class QuantLinear(nn.Module):
         if dev == "cuda" and self.spec.format == "fp8":
             return "cuda-fp8-scaled-mm"
         return "dequantize-on-the-fly"
+
+    def _int4_tinygemm_ok(self) -> bool:
+        return (
+            self.spec.is_integer
+            and self.spec.bits == 4
+            and self.spec.group_size in _TINYGEMM_GROUPS
+            and self.in_features % 2 == 0
+        )
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
         # device moves follow the model (.to(device)); dtype casts (.half()) never touch packed storage or scales
@@ -279,6 +292,22 @@ class QuantLinear(nn.Module):
             if x.shape[0] >= cpu_kernels.AMX_MIN_ROWS:
                 return cpu_kernels.int8_linear_per_token_amx(x, self.qweight, self.scale, self.bias)
             return cpu_kernels.int8_linear_per_token(x, self._fbgemm(), self.bias)
+        if kernel == "int8-weight-only-cpu-bf16":
+            ones = self._cache.get("ones")
+            if ones is None:
+                ones = self._cache["ones"] = torch.ones(self.out_features, dtype=torch.bfloat16)
+            return cpu_kernels.int8_weight_only_bf16(x, self.qweight, self.scale, self.bias, ones)
+        if kernel == "int4-weight-only-cpu-bf16":
+            zero = None if self.spec.symmetric else self.zero
+            if "int4cpu" not in self._cache:
+                codes = unpack_bits(self.qweight, 4, self.in_features)
+                self._cache["int4cpu"] = cpu_kernels.pack_int4_cpu(
+                    codes, self.scale, zero, self.grid.qmin, int(self.spec.group_size or 0)
+                )
+            return cpu_kernels.int4_weight_only_bf16(
+                x, self.qweight, self.scale, zero, self.grid.qmin, int(self.spec.group_size or 0),
+                self._cache["int4cpu"], self.bias,
+            )  # fmt: skip
         if kernel == "fbgemm-int8-dynamic-per-token+fp32-outliers":
             return self._forward_outliers(x)
         if kernel == "cuda-int8-mm":

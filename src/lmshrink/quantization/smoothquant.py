@@ -5,6 +5,13 @@ Per input channel ``j``: ``s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha)``; ``x 
 ``W * s`` absorbs them. ``s`` is folded into the preceding norm (or linear) where exact, else kept as the layer's
 ``input_scale``. Mappings are shared with AWQ (:data:`lmshrink.quantization.awq.SCALE_MAPPINGS`).
 
+Outlier fallback (``config.outliers="auto"``): smoothing cannot tame a channel that is huge on a few tokens only
+(the "massive activations" of attention-sink tokens at SwiGLU ``down_proj`` inputs, ~100x the rest): per-token int8
+then spends the whole range of those tokens on one channel. For each layer the simulated W8A8 error on calibration
+rows is compared with the LLM.int8() decomposition of the smoothed input (columns with any
+``|x| > config.threshold`` in fp32, the rest int8 per token); the layer keeps the decomposition when it at least
+halves the error and touches at most :data:`MAX_OUTLIER_FRACTION` of the columns. Everything else stays pure W8A8.
+
 >>> import torch
 >>> s = smoothing_scale(torch.tensor([1.0, 100.0]), [torch.ones(4, 2)], alpha=0.5)
 >>> [round(v, 1) for v in s.tolist()]
@@ -14,6 +21,7 @@ Per input channel ``j``: ``s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha)``; ``x 
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
@@ -57,6 +65,34 @@ def w8a8_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor | N
     return err
 
 
+#: Most input columns a layer may route through fp32 (in the calibration sample) and still take the fallback.
+MAX_OUTLIER_FRACTION = 0.05
+
+
+def w8a8_outlier_error(
+    x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor | None, threshold: float
+) -> tuple[float, float]:
+    """Simulated output MSE of the LLM.int8() decomposition of the (smoothed) input and the fraction of columns it
+    sends to fp32: columns of ``x / s`` with any ``|value| > threshold`` stay float (their int8 weight columns)."""
+    xs = x if s is None else x / s
+    cols = (xs.abs() > threshold).any(dim=0)
+    xq = _fake_quant_rows(xs.masked_fill(cols, 0.0)) + xs * cols
+    err = 0.0
+    for w in weights:
+        ws = w.float() if s is None else w.float() * s
+        err += float((xq @ _fake_quant_rows(ws).t() - x @ w.float().t()).pow(2).mean())
+    return err, float(cols.float().mean())
+
+
+def wants_outliers(
+    x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor | None, threshold: float
+) -> bool:
+    """Whether the outlier decomposition at least halves the simulated W8A8 error using few fp32 columns."""
+    plain = w8a8_error(x, weights, s)
+    err, frac = w8a8_outlier_error(x, weights, s, threshold)
+    return frac <= MAX_OUTLIER_FRACTION and err <= 0.5 * plain
+
+
 def _fake_quant_rows(t: torch.Tensor) -> torch.Tensor:
     scale = t.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
     return torch.round(t / scale).clamp_(-127, 127) * scale
@@ -84,18 +120,21 @@ def quantize_smoothquant(
     """Handler for ``method="smoothquant"``: per block, smooth with calibration absmax, then W8A8."""
     assert calibration is not None
     spec = config.weight_spec()
-    keep = MAX_SAMPLE_ROWS if config.alpha == "auto" else 0
+    keep = MAX_SAMPLE_ROWS if config.alpha == "auto" or config.outliers == "auto" else 0
+    n_fallback, n_float = [0], [0]
 
     def process(_index: int, block: nn.Module, block_layers: BlockLayers, inputs: list[BlockInput]) -> None:
         stats = collect_stats(block, block_layers, inputs, keep_rows=keep)
         mods = {rel: m for _, rel, m in block_layers}
         applied, loose = plan_mappings(block, list(mods))
+        folded: dict[str, torch.Tensor] = {}
         for mp, _kind in applied:
             st = stats[mp.layers[0]]
             ws = [linear_weight_and_bias(mods[n])[0] for n in mp.layers]
             s = choose_scale(st.sample() if keep else st.absmax, st.absmax, ws, config.alpha)
             if s is not None:
                 fold_scale(block.get_submodule(mp.prev), [mods[n] for n in mp.layers], s)
+                folded.update(dict.fromkeys(mp.layers, s))
         for rel, mod in mods.items():
             w, b = linear_weight_and_bias(mod)
             st = stats[rel]
@@ -104,6 +143,31 @@ def quantize_smoothquant(
                 if rel in loose
                 else None
             )
-            replace_with_quantized(block, rel, w, b, spec, config.act_mode, s)
+            # a scale folded upstream is already in ``w`` (columns x s) but not in the recorded inputs
+            w_orig = w / folded[rel] if rel in folded else w
+            s_in = s if s is not None else folded.get(rel)
+            thr = (
+                config.threshold
+                if config.outliers == "auto"
+                and config.act_mode == "int8"
+                and wants_outliers(st.sample(), [w_orig], s_in, config.threshold)
+                else None
+            )
+            act = config.act_mode
+            if any(re.search(p, rel) for p in config.float_activations):
+                act, thr = "float", None
+                n_float[0] += 1
+            if thr is not None:
+                n_fallback[0] += 1
+            replace_with_quantized(block, rel, w, b, spec, act, s, threshold=thr)
 
     quantize_outside_blocks(model, config, for_each_block(model, layers, calibration, process))
+    if n_float[0]:
+        log.info("SmoothQuant: %d layers keep float activations (%s)", n_float[0], config.float_activations)
+    if n_fallback[0]:
+        log.info(
+            "SmoothQuant: %d of %d layers keep fp32 outlier columns (threshold %.1f)",
+            n_fallback[0],
+            len(layers),
+            config.threshold,
+        )

@@ -21,7 +21,6 @@ True
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,24 @@ from lmshrink.models.arch import is_linear, set_submodule
 from lmshrink.quantization.config import WeightSpec
 from lmshrink.quantization.linear import QuantLinear, linear_weight_and_bias
 from lmshrink.utils.io import atomic_path
+from lmshrink.utils.safe_load import (
+    SafetensorsHeader,
+    build_on_meta,
+    check_declared_shapes,
+    check_declared_size,
+    declared_tensors,
+    read_config,
+    read_json_object,
+    read_safetensors_header,
+    safe_file_name,
+)
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "lmshrink.json"
 _MAX_DIM = 1 << 24  # no real layer has 16M input or output features
+_MAX_WEIGHTS_PER_BYTE = 64  # float-skeleton elements per stored byte: far above any real format (<= 8)
 _ST_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
@@ -114,21 +125,36 @@ def save_quantized(model: nn.Module, tmp_dir: Path, tokenizer: Any = None) -> di
 
 
 # ---- loading ------------------------------------------------------------------------------------------------
+def _manifest_int(name: str, raw: dict[str, Any], key: str, optional: bool = False) -> int | None:
+    value = raw[key]
+    if optional and value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < _MAX_DIM:
+        raise CorruptFileError(
+            f"layer {name!r}: manifest field {key!r} is {value!r} (absurd); expected an integer in 1..{_MAX_DIM - 1}"
+        )
+    return value
+
+
 def _spec_from_manifest(name: str, raw: Any) -> tuple[WeightSpec, dict[str, Any]]:
     if not isinstance(raw, dict):
         raise CorruptFileError(f"manifest entry for layer {name!r} is not an object")
     try:
-        n, k = int(raw["in_features"]), int(raw["out_features"])
-        if not (0 < n < _MAX_DIM and 0 < k < _MAX_DIM):
-            raise CorruptFileError(f"layer {name!r}: absurd dimensions {n}x{k} in the manifest")
-        gs = raw["group_size"]
-        spec = WeightSpec.parse(str(raw["format"]), None if gs is None else int(gs), bool(raw["symmetric"]))
-        if spec.bits != int(raw["bits"]):
+        for key in ("in_features", "out_features", "bits"):
+            _manifest_int(name, raw, key)
+        gs = _manifest_int(name, raw, "group_size", optional=True)
+        spec = WeightSpec.parse(str(raw["format"]), gs, bool(raw["symmetric"]))
+        if spec.bits != raw["bits"]:
             raise CorruptFileError(f"layer {name!r}: format {spec.format} does not have {raw['bits']} bits")
+        threshold = raw["threshold"]
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
+            raise CorruptFileError(
+                f"layer {name!r}: manifest field 'threshold' is {threshold!r}, expected a number"
+            )
         kwargs = {
             "bias": bool(raw["bias"]),
             "act": str(raw["act"]),
-            "threshold": None if raw["threshold"] is None else float(raw["threshold"]),
+            "threshold": None if threshold is None else float(threshold),
             "input_scale": bool(raw["input_scale"]),
         }
     except CorruptFileError:
@@ -138,19 +164,27 @@ def _spec_from_manifest(name: str, raw: Any) -> tuple[WeightSpec, dict[str, Any]
     return spec, kwargs
 
 
-def _build_skeleton(path: Path, manifest: dict[str, Any]) -> nn.Module:
+def _build_skeleton(path: Path, manifest: dict[str, Any], header: SafetensorsHeader) -> nn.Module:
+    """The float architecture ``config.json`` declares, without initialising weights.
+
+    It is first built on the meta device and checked against the weights file (shapes of the tensors stored as
+    they are, total size against the file's bytes), so a config with absurd sizes is refused before allocation.
+    """
     import transformers
-    from transformers import AutoConfig, PreTrainedModel
+    from transformers import PreTrainedModel
     from transformers.initialization import no_init_weights
 
     arch = manifest.get("architecture")
-    cls = getattr(transformers, str(arch), None)
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
         raise CorruptFileError(f"{path}: unknown architecture {arch!r} in the manifest")
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise CorruptFileError(f"{path}: config.json is missing or invalid: {exc}") from exc
+    config = read_config(path)
+    where = str(path / "config.json")
+    meta = build_on_meta(lambda: cls(config), where)
+    check_declared_shapes(where, declared_tensors(meta), {k: e.shape for k, e in header.tensors.items()})
+    # packed codes hold several weights per byte (1-bit codecs: 8; float skeleton counts them all): generous bound
+    check_declared_size(where, meta, header.data_bytes, elements_per_byte=_MAX_WEIGHTS_PER_BYTE)
+    del meta
     with no_init_weights():
         model = cls(config)
     return model.eval()
@@ -161,6 +195,8 @@ def _swap_layers(model: nn.Module, layers: Any) -> None:
         raise CorruptFileError("the manifest lists no quantized layers")
     modules = dict(model.named_modules())
     for name, raw in layers.items():
+        if isinstance(raw, dict) and raw.get("kind") == "embedding":
+            continue  # QuantEmbedding tables: restore_embeddings below, once the heads they may share exist
         spec, kwargs = _spec_from_manifest(name, raw)
         mod = modules.get(name)
         if mod is None or not is_linear(mod):
@@ -172,8 +208,11 @@ def _swap_layers(model: nn.Module, layers: Any) -> None:
             )
         try:
             set_submodule(model, name, QuantLinear(in_f, out_f, spec, **kwargs))
-        except LmshrinkError as exc:
+        except (LmshrinkError, ValueError, TypeError, RuntimeError, ArithmeticError) as exc:
             raise CorruptFileError(f"layer {name!r}: {exc}") from exc
+    from lmshrink.quantization.embedding import restore_embeddings
+
+    restore_embeddings(model, layers)
 
 
 def _read_tensors(file: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -229,20 +268,21 @@ def load_quantized(
     quant = manifest.get("quantization")
     if not isinstance(quant, dict):
         raise CorruptFileError(f"{path}: manifest has no 'quantization' section")
-    model = _build_skeleton(path, manifest)
+    weights = safe_file_name(path, manifest.get("weights", WEIGHTS_FILE), "weights")
+    header = read_safetensors_header(weights)
+    model = _build_skeleton(path, manifest, header)
     _swap_layers(model, quant.get("layers"))
-    aliases = manifest.get("tied", {})
-    if not isinstance(aliases, dict):
-        raise CorruptFileError(f"{path}: manifest 'tied' must be an object")
+    aliases = manifest.get("tied") or {}
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        raise CorruptFileError(f"{path}: manifest 'tied' must map tensor names to tensor names")
     expected, skeleton_aliases = _dedupe(model.state_dict())
     if skeleton_aliases and set(skeleton_aliases) != set(aliases):
         raise CorruptFileError(
             f"{path}: tied tensors {sorted(aliases)} do not match the model's {sorted(skeleton_aliases)}"
         )
     expected = {k: v for k, v in expected.items() if k not in aliases}
-    weights = path / str(manifest.get("weights", WEIGHTS_FILE))
-    if not weights.is_file():
-        raise CorruptFileError(f"{path}: weights file {weights.name} is missing")
     tensors = _read_tensors(weights, expected)
     for name, t in tensors.items():
         if (
@@ -296,12 +336,9 @@ def load_quantized_model(
 ) -> tuple[nn.Module, Any]:
     """Load a directory written by :func:`save_quantized_model` (reads its manifest; never unpickles)."""
     p = Path(path)
-    try:
-        manifest = json.loads((p / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise CorruptFileError(f"{p}: no {MANIFEST_FILE}; not an lmshrink model directory") from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CorruptFileError(f"{p}/{MANIFEST_FILE} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != "quantized":
+    if not (p / MANIFEST_FILE).is_file():
+        raise CorruptFileError(f"{p}: no {MANIFEST_FILE}; not an lmshrink model directory")
+    manifest = read_json_object(p / MANIFEST_FILE)
+    if manifest.get("format") != "quantized":
         raise CorruptFileError(f"{p}: manifest format is not 'quantized'")
     return load_quantized(p, manifest, device, dtype)

@@ -21,6 +21,7 @@ class ModelRow:
     stage_type: str
     format: str = "dense"
     parameters: int | None = None
+    nonzero_parameters: int | None = None  # differs from parameters for pruned models
     bytes_on_disk: int | None = None
     bits_per_weight: float | None = None
     perplexity: float | None = None
@@ -45,6 +46,7 @@ class RunData:
     protocol: dict[str, Any]
     machine: str
     date: str
+    load_average: float | None = None  # 1-minute load average while the evaluate stage ran
 
     def traces(self) -> dict[str, list[dict[str, Any]]]:
         """Training traces (per-epoch dicts) by stage."""
@@ -110,6 +112,7 @@ def collect_run(run_dir: str | os.PathLike[str]) -> RunData:
     protocol: dict[str, Any] = {}
     baseline = None
     machine, date = "", ""
+    load_average = None
     for s in stages:
         res = s["results"]
         prov = res.get("provenance") or {}
@@ -118,11 +121,13 @@ def collect_run(run_dir: str | os.PathLike[str]) -> RunData:
         if s["type"] != "evaluate":
             continue
         protocol = res.get("protocol", protocol)
+        load_average = res.get("load_average_1min", load_average)
         baseline = res.get("baseline", baseline)
         for name, m in res.get("models", {}).items():
             row = rows.setdefault(name, ModelRow(name=name, stage_type=str(m.get("stage_type", "?"))))
             for key in (
                 "parameters",
+                "nonzero_parameters",
                 "bytes_on_disk",
                 "bits_per_weight",
                 "perplexity",
@@ -146,4 +151,4 @@ def collect_run(run_dir: str | os.PathLike[str]) -> RunData:
         if base_bytes and row.bytes_on_disk:
             row.compression = base_bytes / row.bytes_on_disk
         row.run = path.name
-    return RunData(path, path.name, models, baseline, stages, protocol, machine, date)
+    return RunData(path, path.name, models, baseline, stages, protocol, machine, date, load_average)

@@ -31,7 +31,12 @@ def protocol_text(run: RunData) -> str:
     acc = run.protocol.get("accuracy") or {}
     if acc:
         parts.append(f"accuracy: {acc.get('data')} {acc.get('split')}")
-    parts.append(f"machine: {run.machine or 'unknown'}")
+    load = (
+        f" (1-min load average {run.load_average:g} during evaluation)"
+        if run.load_average is not None
+        else ""
+    )
+    parts.append(f"machine: {run.machine or 'unknown'}{load}")
     if run.date:
         parts.append(run.date)
     return "; ".join(parts)

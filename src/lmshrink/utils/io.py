@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,13 +113,45 @@ def recover_directory(path: str | os.PathLike[str]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _renameat2() -> Any:
+    if sys.platform != "linux":
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc older than glibc 2.28
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def exchange_paths(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` when the
+    platform or filesystem cannot (the caller falls back to two renames)."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a), None, os.fspath(b))
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
     """Build a directory under a temporary name and move it into place only when complete.
 
     An existing directory at ``path`` is replaced only after the new one is fully written, so an interrupted
-    save leaves the previous version intact (a kill inside the final swap is repaired by
-    :func:`recover_directory`, which runs first on every call). Temporary names carry the writer's pid so that
+    save leaves the previous version intact. On Linux the swap is one atomic ``renameat2(RENAME_EXCHANGE)``: the
+    final name always holds a complete version. Elsewhere it is two renames, and a kill between them is repaired
+    by :func:`recover_directory`, which runs first on every call. Temporary names carry the writer's pid so that
     leftovers of killed writers are cleaned up.
     """
     final = Path(path)
@@ -133,10 +169,14 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = True) -> It
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
         if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            if exchange_paths(tmp, final):
+                # one atomic step: the final name now holds the new version and tmp the previous one
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:  # no atomic exchange here: move aside, move in (recover_directory repairs a kill between)
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
         fsync_dir(final.parent)

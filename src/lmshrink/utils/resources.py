@@ -19,7 +19,6 @@ disk checks into warnings (for containers where the reported figures are wrong).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -34,6 +33,7 @@ from torch import nn
 
 from lmshrink.errors import CorruptFileError, LmshrinkError
 from lmshrink.utils.env import resolve_device
+from lmshrink.utils.safe_load import parse_json, read_json, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +192,7 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any
                 f"{p} is truncated or not safetensors: header length {n}, file size {size}"
             )
         raw = fh.read(n)
-    try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise CorruptFileError(f"{p}: the safetensors header does not parse ({type(exc).__name__})") from exc
+    header = parse_json(raw, f"{p} (safetensors header)")  # depth-limited: no RecursionError
     if not isinstance(header, dict):
         raise CorruptFileError(f"{p}: the safetensors header is not a JSON object")
     return header, size - 8 - n
@@ -314,8 +311,8 @@ def _directory_bytes(folder: Path, dtype_size: int | None) -> int:
     if manifest_file.is_file():
         # compressed formats may load larger than they are stored (sparse -> dense): use the parameter count
         try:
-            manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            manifest = read_json(manifest_file)
+        except CorruptFileError:
             manifest = {}
         params = manifest.get("parameters") if isinstance(manifest, dict) else None
         if isinstance(params, int) and params > 0 and manifest.get("format") in ("sparse", "pruned", "dense"):
@@ -327,7 +324,7 @@ def _directory_bytes(folder: Path, dtype_size: int | None) -> int:
     if len(ggufs) == 1:
         return _gguf_bytes(ggufs[0], dtype_size)
     if (folder / "config.json").is_file():
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = read_json_object(folder / "config.json")
         size = dtype_size or _dtype_size(_config_dtype(config)) or 4
         return _config_parameters(config) * size
     raise LmshrinkError(f"cannot estimate the size of {folder}: no safetensors, GGUF or config.json found")

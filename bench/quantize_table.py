@@ -1,0 +1,513 @@
+"""Quantization accuracy table (issue #3 acceptance): every format of lmshrink next to torch's ``quantize_dynamic``,
+on one model, one token stream, one protocol.
+
+Rows: fp32, bf16, int8 per-channel RTN (weight-only and W8A8), W8A8 SmoothQuant, LLM.int8(), int4 RTN / GPTQ / AWQ
+(one group size), NF4, 1.58-bit RTN, torch ``quantize_dynamic`` int8. Columns: perplexity and its change vs fp32,
+mean KL(fp32 || row) in nats/token, top-1 agreement with fp32, bytes on disk (``lmshrink.models.save_model`` for
+lmshrink rows, one safetensors file of the flattened state dict for torch rows).
+
+Evaluation: WikiText-2 raw test, tokenized once, non-overlapping windows of ``--ctx`` tokens (the GPTQ protocol),
+scored window by window. Every row's model is built first and kept in memory, so the fp32 reference runs once
+per window (not once per row); the result files are rewritten after every window, so a run cut short by
+``--time-budget`` still holds a complete table over the windows it scored (``n_tokens`` says how many).
+
+    # the reference model (smollm2-135m, its float weights are dequantized Q4_1 values)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quantize_table.py --max-tokens 102400
+    # a model trained in float by lmshrink itself (trained first when absent, ~15 CPU-minutes, one thread)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quantize_table.py --model float-llama
+    # (re)create only the float model
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quantize_table.py --model float-llama --train-only
+
+Writes ``bench/results/quantize_table_<model>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    LinearSelection,
+    save_flat_safetensors,
+    save_lmshrink,
+    size_on_disk,
+    stored_bytes,
+    versions,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+os.environ.setdefault("LMSHRINK_DATA", str((REPO / ".." / "shared" / "data").resolve()))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+log = logging.getLogger("quantize_table")
+
+#: Where ``--model float-llama`` lives (outside the repository).
+FLOAT_LLAMA_DIR = Path(os.environ.get("LMSHRINK_FLOAT_LLAMA", "~/.cache/lmshrink/float-llama")).expanduser()
+#: The float model's recipe: lmshrink's own ``train_teacher`` on the WikiText-103 train excerpt.
+FLOAT_LLAMA_RECIPE: dict[str, Any] = {
+    "data": "wikitext103 (train excerpt, lmshrink.distillation.teacher.load_corpus)",
+    "hidden_size": 384,
+    "num_layers": 4,
+    "num_heads": 6,
+    "vocab_size": 4096,
+    "steps": 300,
+    "batch_size": 16,
+    "seq_len": 128,
+    "lr": 3e-3,
+    "warmup": 30,
+    "seed": 0,
+    "bf16": False,
+}
+
+
+# --------------------------------------------------------------------------------------------- float model
+
+
+def train_float_llama(out: Path = FLOAT_LLAMA_DIR, threads: int = 1) -> Path:
+    """Train the float reference with ``lmshrink.distillation.teacher.train_teacher`` and save it to ``out/model``."""
+    from lmshrink.distillation.teacher import load_corpus, train_teacher
+    from lmshrink.distillation.trainer import TrainConfig
+    from lmshrink.models import save_model
+
+    torch.set_num_threads(threads)
+    r = FLOAT_LLAMA_RECIPE
+    cfg = TrainConfig(
+        steps=r["steps"],
+        batch_size=r["batch_size"],
+        seq_len=r["seq_len"],
+        lr=r["lr"],
+        warmup_steps=r["warmup"],
+        seed=r["seed"],
+        bf16=r["bf16"],
+        device="cpu",
+        val_max_tokens=16384,
+        progress=False,
+        checkpoint_every=50,
+    )
+    t0 = time.perf_counter()
+    model, tok, result = train_teacher(
+        load_corpus("wikitext103", "train"),
+        out_dir=out / "run",
+        config=cfg,
+        hidden_size=r["hidden_size"],
+        num_layers=r["num_layers"],
+        num_heads=r["num_heads"],
+        vocab_size=r["vocab_size"],
+        val_text=load_corpus("wikitext103", "validation"),
+    )
+    path = save_model(model, out / "model", tok)
+    info = {
+        "recipe": r,
+        "parameters": result.parameters,
+        "train_s": time.perf_counter() - t0,
+        "threads": threads,
+        "trace": result.trace,
+        "command": "python bench/quantize_table.py --model float-llama --train-only",
+    }
+    (out / "train_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    log.info("float-llama: %d parameters, %.0f s, saved to %s", result.parameters, info["train_s"], path)
+    return path
+
+
+def resolve_model(spec: str, train_threads: int) -> tuple[str, str]:
+    """``(load spec, label)``; ``float-llama`` is trained first when absent."""
+    if spec == "float-llama":
+        path = FLOAT_LLAMA_DIR / "model"
+        if not (path / "lmshrink.json").is_file():
+            train_float_llama(FLOAT_LLAMA_DIR, train_threads)
+        return str(path), "float-llama"
+    return spec, spec
+
+
+# --------------------------------------------------------------------------------------------- rows
+
+
+@dataclass
+class Row:
+    key: str
+    method: str
+    bits: str
+    build: Callable[[nn.Module, list[dict[str, torch.Tensor]]], nn.Module]
+    save: Callable[..., str] = save_lmshrink
+    needs_calibration: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _lmshrink(cfg: dict[str, Any]) -> Callable[[nn.Module, list[dict[str, torch.Tensor]]], nn.Module]:
+    def build(model: nn.Module, calib: list[dict[str, torch.Tensor]]) -> nn.Module:
+        from lmshrink.quantization import quantize_model
+
+        from_cfg = dict(cfg)
+        needs = from_cfg.get("method") in ("gptq", "awq", "smoothquant")
+        return quantize_model(model, from_cfg, calib if needs else None)
+
+    return build
+
+
+def _bf16(model: nn.Module, _calib: Any) -> nn.Module:
+    return model.to(torch.bfloat16)
+
+
+def _torch_dynamic(model: nn.Module, _calib: Any) -> nn.Module:
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    spec = dict.fromkeys(LinearSelection.of(model).names, default_dynamic_qconfig)
+    return quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
+def default_group_size(model: nn.Module) -> int:
+    """128 when it divides every selected layer's input dimension, else the largest power of two below it that does
+    (smollm2-135m: hidden 576 = 64 x 9, so 64)."""
+    from lmshrink.quantization.linear import linear_weight_and_bias
+
+    dims = {
+        linear_weight_and_bias(model.get_submodule(n))[0].shape[1] for n in LinearSelection.of(model).names
+    }
+    g = 128
+    while any(d % g for d in dims):
+        g //= 2
+    return g
+
+
+def make_rows(group: int, act_order: bool) -> list[Row]:
+    g = f"g{group}"
+    gptq = {"method": "gptq", "format": "int4", "group_size": group, "act_order": act_order}
+    return [
+        Row("bf16", "bf16 (all weights and activations)", "16", _bf16, save_flat_safetensors),
+        Row("int8-rtn", "int8 per-channel RTN, weight-only", "W8", _lmshrink({"format": "int8"})),
+        Row(
+            "int8-rtn-w8a8",
+            "int8 per-channel RTN, int8 per-token activations",
+            "W8A8",
+            _lmshrink({"format": "int8", "activations": "int8"}),
+        ),
+        Row(
+            "smoothquant",
+            "SmoothQuant W8A8 (alpha auto per layer group)",
+            "W8A8",
+            _lmshrink({"method": "smoothquant", "format": "int8"}),
+            needs_calibration=True,
+        ),
+        Row(
+            "smoothquant-fb",
+            "SmoothQuant W8A8, down_proj W8 with float activations",
+            "W8A8 (down_proj W8)",
+            _lmshrink({"method": "smoothquant", "format": "int8", "float_activations": ["down_proj"]}),
+            needs_calibration=True,
+        ),
+        Row(
+            "llm-int8", "LLM.int8() (threshold 6.0)", "W8A8+fp32 outliers", _lmshrink({"method": "llm-int8"})
+        ),
+        Row(f"int4-{g}-rtn", f"int4 {g} RTN", "W4", _lmshrink({"format": "int4", "group_size": group})),
+        Row(
+            f"int4-{g}-gptq",
+            f"int4 {g} GPTQ" + (" (act-order)" if act_order else ""),
+            "W4",
+            _lmshrink(gptq),
+            needs_calibration=True,
+        ),
+        Row(
+            f"int4-{g}-awq",
+            f"int4 {g} AWQ",
+            "W4",
+            _lmshrink({"method": "awq", "format": "int4", "group_size": group}),
+            needs_calibration=True,
+        ),
+        Row("nf4", f"NF4 RTN, blocks of {group}", "W4", _lmshrink({"format": "nf4", "group_size": group})),
+        Row(
+            "ternary", "1.58-bit RTN (BitNet absmean, per tensor)", "W1.58", _lmshrink({"format": "1.58bit"})
+        ),
+        Row(
+            "torch-dynamic",
+            "torch quantize_dynamic int8 (per-tensor W, dynamic A)",
+            "W8A8",
+            _torch_dynamic,
+            save_flat_safetensors,
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Acc:
+    """Running sums of one row over the scored windows."""
+
+    nll: float = 0.0
+    kl: float = 0.0
+    top1: int = 0
+    n: int = 0
+    windows: int = 0
+    eval_s: float = 0.0
+
+    def add(self, logp: torch.Tensor, ref_logp: torch.Tensor, target: torch.Tensor) -> None:
+        self.nll += float(-logp.gather(1, target[:, None]).sum())
+        self.kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
+        self.top1 += int((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
+        self.n += target.numel()
+        self.windows += 1
+
+    def summary(self, ref_nll: float) -> dict[str, Any]:
+        ppl = math.exp(self.nll / self.n)
+        return {
+            "perplexity": ppl,
+            "delta_pct": 100.0 * (math.exp((self.nll - ref_nll) / self.n) - 1.0),
+            "kl_mean": self.kl / self.n,
+            "top1_agreement": self.top1 / self.n,
+            "n_tokens": self.n,
+            "n_windows": self.windows,
+            "eval_s": self.eval_s,
+        }
+
+
+@torch.no_grad()
+def _logp(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+    out = model(window[None])
+    return F.log_softmax(out.logits[0, :-1].float(), dim=-1)
+
+
+def _kernels(model: nn.Module) -> list[str]:
+    from lmshrink.quantization.linear import QuantLinear
+
+    return sorted({m.kernel_name for m in model.modules() if isinstance(m, QuantLinear)})
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    ev = doc["evaluation"]
+    lines = [
+        f"### {doc['title']}",
+        "",
+        f"{ev['data']}; {ev['n_tokens']} tokens scored ({ev['n_windows']} windows of {ev['ctx']}); calibration: "
+        f"{doc['calibration']['description']}; {doc['provenance'].get('device_name', '')}; "
+        f"{doc['provenance'].get('date', '')}.",
+        "",
+        "| row | method | bits | ppl | delta % | KL | top-1 | size MB | bits/w | kernels | build s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    n_sel = doc["selected_linears"]["weights"]
+    base = doc["rows"][0]
+    for r in doc["rows"]:
+        if r.get("status") != "ok":
+            lines.append(
+                f"| {r['key']} | {r['method']} | {r['bits']} | {r.get('status')}: {r.get('reason', '')} |"
+            )
+            continue
+        rest = base["stored_bytes"] - 4 * n_sel
+        bpw = 8 * (r["stored_bytes"] - rest) / n_sel if r.get("stored_bytes") else math.nan
+        q = r.get("quality") or {}
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["key"],
+                    r["method"],
+                    r["bits"],
+                    f"{q.get('perplexity', math.nan):.3f}",
+                    f"{q.get('delta_pct', math.nan):+.2f}",
+                    f"{q.get('kl_mean', math.nan):.4f}",
+                    f"{q.get('top1_agreement', math.nan):.3f}",
+                    f"{r['bytes_on_disk'] / 1e6:.1f}",
+                    {"fp32": "32", "bf16": "16"}.get(r["key"], f"{bpw:.2f}"),
+                    ", ".join(r.get("kernels", [])) or "torch",
+                    f"{r.get('build_s', 0.0):.0f}",
+                ]
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "ppl: perplexity; delta: vs fp32 on the same tokens; KL: mean KL(fp32 || row), nats/token; top-1: agreement "
+        "of the arg-max with fp32; size: bytes on disk (lmshrink rows: lmshrink.models.save_model; fp32, bf16, "
+        "torch: one safetensors file of the flattened state dict); bits/w: stored bits per weight of the quantized "
+        "linear layers (scales, zeros, outliers included; embeddings/LM head stay fp32 in every row); kernels: "
+        "the QuantLinear forward paths used (CPU).",
+        "",
+    ]
+    for note in doc.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n"
+
+
+def _write(doc: dict[str, Any], path: Path) -> None:
+    from lmshrink.utils.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
+    atomic_write_text(path.with_suffix(".md"), markdown(doc))
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--model", default="smollm2-135m", help="model spec, or 'float-llama' (trained when absent)"
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=102400, help="evaluation tokens (cut into --ctx windows)"
+    )
+    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--time-budget", type=float, default=None, help="stop scoring after this many seconds")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--group-size", type=int, default=None, help="int4/NF4 group (default: 128 if it divides)")
+    p.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order")
+    p.add_argument("--rows", default=None, help="comma-separated row keys (default: all); fp32 always runs")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--train-only", action="store_true", help="with --model float-llama: (re)train and exit")
+    p.add_argument(
+        "--out", default=None, help="result JSON path (default bench/results/quantize_table_<model>)"
+    )
+    p.add_argument("--markdown", default=None, help="rewrite the .md of this result JSON and exit")
+    a = p.parse_args(argv)
+    if a.markdown:
+        path = Path(a.markdown)
+        _write(json.loads(path.read_text()), path)
+        print(path.with_suffix(".md").read_text())
+        return path
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "torchao", "lmshrink.quantization"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    if a.train_only:
+        if a.model != "float-llama":
+            raise SystemExit("--train-only needs --model float-llama")
+        train_float_llama(FLOAT_LLAMA_DIR, a.threads)
+        return None
+
+    from lmshrink.data import calibration_batches, load_text, tokenize_corpus
+    from lmshrink.models import load_model
+    from lmshrink.utils.env import provenance
+
+    started = time.time()
+    spec, label = resolve_model(a.model, a.threads)
+    ref, tok = load_model(spec, dtype="float32")
+    ref.eval()
+    group = a.group_size or default_group_size(ref)
+    rows = make_rows(group, not a.no_act_order)
+    if a.rows:
+        keep = {k.strip() for k in a.rows.split(",") if k.strip()}
+        unknown = keep - {r.key for r in rows}
+        if unknown:
+            raise SystemExit(f"unknown rows {sorted(unknown)}; known: {', '.join(r.key for r in rows)}")
+        rows = [r for r in rows if r.key in keep]
+    ids = tokenize_corpus(tok, load_text("wikitext2", split="test"))
+    n_windows = min(a.max_tokens, ids.numel()) // a.ctx
+    windows = ids[: n_windows * a.ctx].reshape(n_windows, a.ctx)
+    calib = calibration_batches(tok, "c4", n_samples=a.calib_samples, seq_len=a.calib_seq_len, seed=0)
+    selected = LinearSelection.of(ref).names
+    n_sel = sum(ref.get_submodule(n).weight.numel() for n in selected)
+    out = Path(a.out) if a.out else RESULTS / f"quantize_table_{label}.json"
+
+    base: dict[str, Any] = {"key": "fp32", "method": "float32 reference", "bits": "32", "status": "ok"}
+    base["stored_bytes"] = stored_bytes(ref)
+    base.update(size_on_disk(ref, save_flat_safetensors, None))  # type: ignore[arg-type]
+    records: list[dict[str, Any]] = [base]
+    models: dict[str, nn.Module] = {}
+    for row in rows:
+        rec: dict[str, Any] = {"key": row.key, "method": row.method, "bits": row.bits}
+        try:
+            log.info("%s: building", row.key)
+            t0 = time.perf_counter()
+            model = row.build(copy.deepcopy(ref).eval(), calib).eval()
+            rec["build_s"] = time.perf_counter() - t0
+            rec["kernels"] = _kernels(model)
+            rec["stored_bytes"] = stored_bytes(model)
+            rec.update(size_on_disk(model, row.save, None))  # type: ignore[arg-type]
+            rec["status"] = "ok"
+            models[row.key] = model
+            log.info("%s: built in %.0f s (%s)", row.key, rec["build_s"], rec["kernels"])
+        except Exception as exc:  # a failing row is a result, not a reason to drop the table
+            rec.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+            log.warning("%s: %s", row.key, rec["reason"])
+        records.append(rec)
+        gc.collect()
+
+    doc: dict[str, Any] = {
+        "title": f"Quantization accuracy, {label}, WikiText-2 test (GPTQ protocol), CPU",
+        "model": label,
+        "model_spec": spec,
+        "command": "OMP_NUM_THREADS=1 python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+        "group_size": group,
+        "group_size_rule": "128 when it divides every selected input dimension, else the largest power of 2 below",
+        "calibration": {
+            "dataset": "c4 validation (lmshrink.data.calibration_batches, seed 0)",
+            "n_samples": a.calib_samples,
+            "seq_len": a.calib_seq_len,
+            "description": f"C4 validation, {a.calib_samples} x {a.calib_seq_len} tokens, seed 0",
+        },
+        "evaluation": {
+            "data": "WikiText-2 raw test, tokenized once, non-overlapping windows (GPTQ protocol)",
+            "ctx": a.ctx,
+            "planned_tokens": n_windows * (a.ctx - 1),
+            "n_tokens": 0,
+            "n_windows": 0,
+            "scored": "every window's positions 1..ctx-1 (ctx-1 predictions per window)",
+            "time_budget_s": a.time_budget,
+        },
+        "selected_linears": {"count": len(selected), "weights": n_sel},
+        "provenance": provenance("cpu", torch.float32),
+        "versions": versions(),
+        "threads": a.threads,
+        "complete": False,
+        "rows": records,
+        "notes": [],
+    }
+    if label == "float-llama" and (FLOAT_LLAMA_DIR / "train_info.json").is_file():
+        info = json.loads((FLOAT_LLAMA_DIR / "train_info.json").read_text())
+        doc["float_model"] = {k: info[k] for k in ("recipe", "parameters", "train_s", "threads", "command")}
+    accs = {k: Acc() for k in ["fp32", *models]}
+    t_eval = time.time()
+    for wi, window in enumerate(windows):
+        target = window[1:]
+        t0 = time.perf_counter()
+        ref_logp = _logp(ref, window)
+        accs["fp32"].add(ref_logp, ref_logp, target)
+        accs["fp32"].eval_s += time.perf_counter() - t0
+        for key, model in models.items():
+            t0 = time.perf_counter()
+            accs[key].add(_logp(model, window), ref_logp, target)
+            accs[key].eval_s += time.perf_counter() - t0
+        del ref_logp
+        for rec in records:
+            if rec["key"] in accs:
+                rec["quality"] = accs[rec["key"]].summary(accs["fp32"].nll)
+        doc["evaluation"].update(n_tokens=accs["fp32"].n, n_windows=accs["fp32"].windows)
+        doc["wall_s"] = time.time() - started
+        doc["complete"] = wi + 1 == n_windows
+        _write(doc, out)
+        log.info("window %d/%d scored (%.0f s since scoring began)", wi + 1, n_windows, time.time() - t_eval)
+        if a.time_budget is not None and time.time() - t_eval > a.time_budget and wi + 1 < n_windows:
+            doc["notes"].append(
+                f"stopped after {wi + 1} of {n_windows} windows: --time-budget {a.time_budget:.0f} s reached"
+            )
+            _write(doc, out)
+            break
+    print(markdown(doc))
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
