@@ -232,6 +232,26 @@ def make_rows(group: int, act_order: bool) -> list[Row]:
             _lmshrink({"method": "awq", "format": "int4", "group_size": group}),
             needs_calibration=True,
         ),
+        Row(
+            f"int4-asym-{g}-rtn",
+            f"int4 asymmetric {g} RTN",
+            "W4",
+            _lmshrink({"format": "int4-asym", "group_size": group}),
+        ),
+        Row(
+            f"int4-asym-{g}-gptq",
+            f"int4 asymmetric {g} GPTQ" + (" (act-order)" if act_order else ""),
+            "W4",
+            _lmshrink({**gptq, "format": "int4-asym"}),
+            needs_calibration=True,
+        ),
+        Row(
+            f"int4-asym-{g}-awq",
+            f"int4 asymmetric {g} AWQ",
+            "W4",
+            _lmshrink({"method": "awq", "format": "int4-asym", "group_size": group}),
+            needs_calibration=True,
+        ),
         Row("nf4", f"NF4 RTN, blocks of {group}", "W4", _lmshrink({"format": "nf4", "group_size": group})),
         Row(
             "ternary", "1.58-bit RTN (BitNet absmean, per tensor)", "W1.58", _lmshrink({"format": "1.58bit"})

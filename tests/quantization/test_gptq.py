@@ -59,3 +59,33 @@ def test_gptq_model_blocks_closer_than_rtn(tiny_llama) -> None:
     rtn = block0_error({"format": "int3", "group_size": 32})
     gptq = block0_error({"method": "gptq", "format": "int3", "group_size": 32})
     assert gptq < 0.8 * rtn
+
+
+def test_sequential_groups_follow_execution_order(tiny_llama) -> None:
+    from lmshrink.models.arch import select_linears
+    from lmshrink.quantization.gptq import sequential_groups
+
+    calib = [{"input_ids": torch.arange(16).unsqueeze(0)}]
+    inputs = capture_block_inputs(tiny_llama, calib)
+    block = find_layers(tiny_llama)[1][0]
+    layers = [(n, n.split("layers.0.", 1)[1], m) for n, m in select_linears(tiny_llama) if ".layers.0." in n]
+    groups = sequential_groups(block, layers[::-1], inputs)  # the given order must not matter
+    names = [sorted(rel.rsplit(".", 1)[1] for _, rel, _ in g) for g in groups]
+    assert names == [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+def test_true_sequential_gptq_at_least_as_close_on_the_block(tiny_llama) -> None:
+    g = torch.Generator().manual_seed(1)
+    calib = [{"input_ids": torch.randint(0, 128, (1, 64), generator=g)} for _ in range(4)]
+    inputs = capture_block_inputs(tiny_llama, calib)
+    ref = run_block(find_layers(tiny_llama)[1][0], inputs)
+
+    def block0_error(seq: bool) -> float:
+        cfg = {"method": "gptq", "format": "int3", "group_size": 32, "true_sequential": seq}
+        m = quantize_model(copy.deepcopy(tiny_llama), cfg, calib)
+        out = run_block(find_layers(m)[1][0], inputs)
+        return sum(float((o - r).pow(2).mean()) for o, r in zip(out, ref, strict=True))
+
+    together, sequential = block0_error(False), block0_error(True)
+    assert sequential != together  # the option changes the Hessians
+    assert sequential < 1.05 * together

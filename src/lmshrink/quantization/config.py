@@ -105,6 +105,11 @@ class QuantConfig(BaseModel):
     act_order: bool = True
     damp: float = Field(default=0.01, gt=0.0, le=1.0)
     block_size: int = Field(default=128, ge=1)
+    #: GPTQ: inside a block, quantize the layers in execution order (q/k/v, then o, then gate/up, then down), each
+    #: group's Hessian taken with the earlier groups already quantized (AutoGPTQ's ``true_sequential``); False: every
+    #: layer of the block sees the float block's inputs (one pass, faster; the default, which produced the published
+    #: GPTQ figures).
+    true_sequential: bool = False
     # AWQ
     grid: int = Field(default=20, ge=1, le=1000)
     # SmoothQuant

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 
 import torch
 from torch import nn
 
 from lmshrink.errors import NumericsError
 from lmshrink.models.arch import set_submodule
-from lmshrink.models.layerwise import BlockInput
+from lmshrink.models.layerwise import BlockInput, run_block
 from lmshrink.quantization.api import Batches, BlockLayers, feed_inputs, for_each_block
 from lmshrink.quantization.config import QuantConfig
 from lmshrink.quantization.grid import IntGrid, compute_qparams
@@ -149,6 +150,44 @@ def _group_cols(
     return torch.cat([inside, later], dim=1)
 
 
+def sequential_groups(
+    block: nn.Module, block_layers: BlockLayers, inputs: list[BlockInput]
+) -> list[BlockLayers]:
+    """``block_layers`` split into groups in execution order; consecutive layers that read the same input tensor
+    (q/k/v, gate/up) form one group. Found by running ``block`` once over ``inputs`` with pre-hooks; layers the
+    block never calls form a last group."""
+    first_input: dict[str, torch.Tensor] = {}  # insertion order = order of first call
+    handles = []
+    for _full, rel, mod in block_layers:
+
+        def hook(_m: nn.Module, args: tuple[object, ...], rel: str = rel) -> None:
+            if rel not in first_input and args and isinstance(args[0], torch.Tensor):
+                first_input[rel] = args[0]
+
+        handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    by_rel = {t[1]: t for t in block_layers}
+    groups: list[BlockLayers] = []
+    last: torch.Tensor | None = None
+    for rel, x in first_input.items():
+        if last is not None and x is last:
+            groups[-1].append(by_rel[rel])
+        else:
+            groups.append([by_rel[rel]])
+        last = x
+    missing = [t for t in block_layers if t[1] not in first_input]
+    return [*groups, missing] if missing else groups
+
+
+def _add_batch(states: dict[str, GPTQ], rel: str, x: torch.Tensor) -> None:
+    states[rel].add_batch(x)
+
+
 def quantize_gptq(
     model: nn.Module, config: QuantConfig, layers: list[tuple[str, nn.Module]], calibration: Batches | None
 ) -> None:
@@ -158,16 +197,20 @@ def quantize_gptq(
     grid = IntGrid(spec.bits, spec.symmetric, spec.group_size)
 
     def process(_index: int, block: nn.Module, block_layers: BlockLayers, inputs: list[BlockInput]) -> None:
-        states = {rel: GPTQ(linear_weight_and_bias(mod)[0], full) for full, rel, mod in block_layers}
-        feed_inputs(
-            block, {rel: mod for _, rel, mod in block_layers}, inputs, lambda r, x: states[r].add_batch(x)
+        groups = (
+            sequential_groups(block, block_layers, inputs[:1]) if config.true_sequential else [block_layers]
         )
-        for _full, rel, mod in block_layers:
-            codes, scale, zero = states[rel].quantize(grid, config.block_size, config.damp, config.act_order)
-            bias = linear_weight_and_bias(mod)[1]
-            q = QuantLinear.from_codes(codes, scale, zero, spec, bias, act=config.act_mode)
-            set_submodule(block, rel, q.to(codes.device))
-            del states[rel]
+        for group in groups:
+            states = {rel: GPTQ(linear_weight_and_bias(mod)[0], full) for full, rel, mod in group}
+            feed_inputs(block, {rel: mod for _, rel, mod in group}, inputs, partial(_add_batch, states))
+            for _full, rel, mod in group:
+                codes, scale, zero = states[rel].quantize(
+                    grid, config.block_size, config.damp, config.act_order
+                )
+                bias = linear_weight_and_bias(mod)[1]
+                q = QuantLinear.from_codes(codes, scale, zero, spec, bias, act=config.act_mode)
+                set_submodule(block, rel, q.to(codes.device))
+                del states[rel]
 
     outside = for_each_block(model, layers, calibration, process)
     if outside:
