@@ -190,7 +190,22 @@ def default_group_size(model: nn.Module) -> int:
 
 def make_rows(group: int, act_order: bool) -> list[Row]:
     g = f"g{group}"
-    gptq = {"method": "gptq", "format": "int4", "group_size": group, "act_order": act_order}
+    ao = " (act-order)" if act_order else ""
+    int4_rows = [
+        Row(
+            f"int4{key}-{g}-{method}",
+            f"int4{label} {g} {name}",
+            "W4",
+            _lmshrink({**extra, "format": f"int4{key}", "group_size": group}),
+            needs_calibration=method != "rtn",
+        )
+        for key, label in (("", ""), ("-asym", " asymmetric"))
+        for method, name, extra in (
+            ("rtn", "RTN", {}),
+            ("gptq", "GPTQ" + ao, {"method": "gptq", "act_order": act_order}),
+            ("awq", "AWQ", {"method": "awq"}),
+        )
+    ]
     return [
         Row("bf16", "bf16 (all weights and activations)", "16", _bf16, save_flat_safetensors),
         Row("int8-rtn", "int8 per-channel RTN, weight-only", "W8", _lmshrink({"format": "int8"})),
@@ -217,41 +232,7 @@ def make_rows(group: int, act_order: bool) -> list[Row]:
         Row(
             "llm-int8", "LLM.int8() (threshold 6.0)", "W8A8+fp32 outliers", _lmshrink({"method": "llm-int8"})
         ),
-        Row(f"int4-{g}-rtn", f"int4 {g} RTN", "W4", _lmshrink({"format": "int4", "group_size": group})),
-        Row(
-            f"int4-{g}-gptq",
-            f"int4 {g} GPTQ" + (" (act-order)" if act_order else ""),
-            "W4",
-            _lmshrink(gptq),
-            needs_calibration=True,
-        ),
-        Row(
-            f"int4-{g}-awq",
-            f"int4 {g} AWQ",
-            "W4",
-            _lmshrink({"method": "awq", "format": "int4", "group_size": group}),
-            needs_calibration=True,
-        ),
-        Row(
-            f"int4-asym-{g}-rtn",
-            f"int4 asymmetric {g} RTN",
-            "W4",
-            _lmshrink({"format": "int4-asym", "group_size": group}),
-        ),
-        Row(
-            f"int4-asym-{g}-gptq",
-            f"int4 asymmetric {g} GPTQ" + (" (act-order)" if act_order else ""),
-            "W4",
-            _lmshrink({**gptq, "format": "int4-asym"}),
-            needs_calibration=True,
-        ),
-        Row(
-            f"int4-asym-{g}-awq",
-            f"int4 asymmetric {g} AWQ",
-            "W4",
-            _lmshrink({"method": "awq", "format": "int4-asym", "group_size": group}),
-            needs_calibration=True,
-        ),
+        *int4_rows,
         Row("nf4", f"NF4 RTN, blocks of {group}", "W4", _lmshrink({"format": "nf4", "group_size": group})),
         Row(
             "ternary", "1.58-bit RTN (BitNet absmean, per tensor)", "W1.58", _lmshrink({"format": "1.58bit"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -45,17 +46,23 @@ def test_gptq_beats_rtn_on_layer_output(group: int | None, act_order: bool) -> N
     assert err_gptq < 0.5 * err_rtn
 
 
-def test_gptq_model_blocks_closer_than_rtn(tiny_llama) -> None:
-    g = torch.Generator().manual_seed(0)
+def _block0_error_fn(model: torch.nn.Module, seed: int) -> Callable[[dict], float]:
+    """``f(config)``: squared error of block 0's outputs after ``quantize_model(model, config)`` on 4 random batches."""
+    g = torch.Generator().manual_seed(seed)
     calib = [{"input_ids": torch.randint(0, 128, (1, 64), generator=g)} for _ in range(4)]
-    inputs = capture_block_inputs(tiny_llama, calib)
-    ref = run_block(find_layers(tiny_llama)[1][0], inputs)
+    inputs = capture_block_inputs(model, calib)
+    ref = run_block(find_layers(model)[1][0], inputs)
 
     def block0_error(cfg: dict) -> float:
-        m = quantize_model(copy.deepcopy(tiny_llama), cfg, calib)
+        m = quantize_model(copy.deepcopy(model), cfg, calib)
         out = run_block(find_layers(m)[1][0], inputs)
         return sum(float((o - r).pow(2).mean()) for o, r in zip(out, ref, strict=True))
 
+    return block0_error
+
+
+def test_gptq_model_blocks_closer_than_rtn(tiny_llama) -> None:
+    block0_error = _block0_error_fn(tiny_llama, seed=0)
     rtn = block0_error({"format": "int3", "group_size": 32})
     gptq = block0_error({"method": "gptq", "format": "int3", "group_size": 32})
     assert gptq < 0.8 * rtn
@@ -75,17 +82,9 @@ def test_sequential_groups_follow_execution_order(tiny_llama) -> None:
 
 
 def test_true_sequential_gptq_at_least_as_close_on_the_block(tiny_llama) -> None:
-    g = torch.Generator().manual_seed(1)
-    calib = [{"input_ids": torch.randint(0, 128, (1, 64), generator=g)} for _ in range(4)]
-    inputs = capture_block_inputs(tiny_llama, calib)
-    ref = run_block(find_layers(tiny_llama)[1][0], inputs)
-
-    def block0_error(seq: bool) -> float:
-        cfg = {"method": "gptq", "format": "int3", "group_size": 32, "true_sequential": seq}
-        m = quantize_model(copy.deepcopy(tiny_llama), cfg, calib)
-        out = run_block(find_layers(m)[1][0], inputs)
-        return sum(float((o - r).pow(2).mean()) for o, r in zip(out, ref, strict=True))
-
-    together, sequential = block0_error(False), block0_error(True)
+    block0_error = _block0_error_fn(tiny_llama, seed=1)
+    cfg = {"method": "gptq", "format": "int3", "group_size": 32}
+    together = block0_error({**cfg, "true_sequential": False})
+    sequential = block0_error({**cfg, "true_sequential": True})
     assert sequential != together  # the option changes the Hessians
     assert sequential < 1.05 * together
