@@ -23,9 +23,7 @@ def data_dir() -> Path:
     return DATA_DIR.resolve()
 
 
-@pytest.fixture()
-def tiny_llama():
-    """A randomly initialised 2-block Llama (GQA: 4 query heads, 2 KV heads), deterministic."""
+def _build_tiny_llama(tied: bool = False, vocab_size: int = 128):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -35,11 +33,23 @@ def tiny_llama():
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=128,
+        vocab_size=vocab_size,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture()
+def make_tiny_llama():
+    """``make_tiny_llama(tied=False, vocab_size=128)``: a fresh deterministic 2-block GQA Llama per call."""
+    return _build_tiny_llama
+
+
+@pytest.fixture()
+def tiny_llama():
+    """A randomly initialised 2-block Llama (GQA: 4 query heads, 2 KV heads), deterministic."""
+    return _build_tiny_llama()
 
 
 @pytest.fixture()

@@ -35,21 +35,8 @@ def bert_tokenizer(tmp_path):
 
 
 @pytest.fixture()
-def tied_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).eval()
+def tied_llama(make_tiny_llama):
+    return make_tiny_llama(tied=True)
 
 
 def test_llama_round_trip_identical_logits_and_manifest(tiny_llama, tmp_path):

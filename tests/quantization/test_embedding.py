@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lmshrink.errors import LmshrinkError
 from lmshrink.evaluation import measure_size
@@ -20,18 +19,10 @@ from lmshrink.quantization.linear import QuantLinear
 NO_SKIP = [r"classifier", r"pooler"]  # quantize the LM head too
 
 
-def _llama(tied: bool = True) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(cfg).eval()
+@pytest.fixture()
+def llama(make_tiny_llama):
+    """``llama(tied=True)``: a tiny Llama with a 256-token vocabulary (the embedding tests need groups of 16/32)."""
+    return lambda tied=True: make_tiny_llama(tied=tied, vocab_size=256)
 
 
 @pytest.mark.parametrize(("fmt", "group"), [("int8", None), ("int4", 32), ("int4-asym", 16), ("int3", 32)])
@@ -51,8 +42,8 @@ def test_rows_match_full_decode_and_error_is_bounded(fmt: str, group: int | None
         q(torch.tensor([[100]]))
 
 
-def test_tied_model_quantized_with_embeddings_reloads_bit_identical(tmp_path) -> None:
-    m = _llama(tied=True)
+def test_tied_model_quantized_with_embeddings_reloads_bit_identical(llama, tmp_path) -> None:
+    m = llama(tied=True)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = m(input_ids=ids).logits
@@ -66,7 +57,7 @@ def test_tied_model_quantized_with_embeddings_reloads_bit_identical(tmp_path) ->
     assert (out - ref).abs().max() < 0.5 * ref.abs().max()
     path = save_model(m, tmp_path / "q")
     size = measure_size(m, path)
-    assert size.parameters == sum(p.numel() for p in _llama().parameters())  # tied table counted once
+    assert size.parameters == sum(p.numel() for p in llama().parameters())  # tied table counted once
     # int4 + fp16 scales per 32 -> 4.5 bits for every weight but the norms (and file headers): ~6x smaller
     assert size.bits_per_weight < 4.7
     assert fp32_bytes / size.bytes_on_disk > 5.5
@@ -81,8 +72,8 @@ def test_tied_model_quantized_with_embeddings_reloads_bit_identical(tmp_path) ->
     assert (again / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
 
 
-def test_untied_embedding_and_skipped_head(tmp_path) -> None:
-    m = _llama(tied=False)
+def test_untied_embedding_and_skipped_head(llama, tmp_path) -> None:
+    m = llama(tied=False)
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(2))
     quantize_model(m, QuantConfig(format="int8"), embeddings=True)  # default skip keeps the untied head float
     assert isinstance(m.model.embed_tokens, QuantEmbedding) and m.model.embed_tokens.tied_to is None
@@ -94,11 +85,11 @@ def test_untied_embedding_and_skipped_head(tmp_path) -> None:
         assert torch.equal(m2(input_ids=ids).logits, out)
 
 
-def test_tied_head_skipped_is_quantized_too_and_bad_group_rejected() -> None:
-    m = _llama(tied=True)
+def test_tied_head_skipped_is_quantized_too_and_bad_group_rejected(llama) -> None:
+    m = llama(tied=True)
     quantize_model(m, QuantConfig(format="int8"), embeddings=True)  # lm_head in the default skip list
     assert isinstance(m.lm_head, QuantLinear) and m.model.embed_tokens.tied_to == "lm_head"
-    m = _llama(tied=True)
+    m = llama(tied=True)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(LmshrinkError, match="group size 128 does not divide the dimension 64 of embedding"):
         quantize_model(m, QuantConfig(format="int4", group_size=128, targets=[r"down_proj"]), embeddings=True)
