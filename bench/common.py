@@ -84,6 +84,7 @@ class Settings:
     seed: int = 0
     rows: list[str] | None = None
     out_dir: str = str(RESULTS_DIR)
+    tag: str = ""
 
 
 def parse_settings(description: str, argv: Sequence[str] | None = None, **defaults: Any) -> Settings:
@@ -106,6 +107,11 @@ def parse_settings(description: str, argv: Sequence[str] | None = None, **defaul
     )
     p.add_argument("--list", action="store_true", help="list the row keys and exit")
     p.add_argument("--out-dir", default=base.out_dir)
+    p.add_argument(
+        "--tag",
+        default=base.tag,
+        help="suffix of the result file name (runs of one day otherwise share a name)",
+    )
     a = p.parse_args(argv)
     s = Settings(
         model=a.model,
@@ -121,6 +127,7 @@ def parse_settings(description: str, argv: Sequence[str] | None = None, **defaul
         calib_seq_len=a.calib_seq_len,
         rows=[r.strip() for r in a.rows.split(",") if r.strip()] if a.rows else None,
         out_dir=a.out_dir,
+        tag=a.tag,
     )
     s.list_only = a.list  # type: ignore[attr-defined]
     return s
@@ -168,6 +175,14 @@ class Context:
     eval_ids: torch.Tensor
     loader: str
     _calibration: list[dict[str, torch.Tensor]] | None = None
+    _cached_reference: nn.Module | None = None
+
+    @property
+    def cached_reference(self) -> nn.Module:
+        """The reference for quality comparisons, its body's outputs computed once per window (see ``quality``)."""
+        if self._cached_reference is None:
+            self._cached_reference = CachedReference(self.reference)
+        return self._cached_reference
 
     def fresh_model(self) -> nn.Module:
         """A deep copy of the float32 reference (each row compresses its own copy)."""
@@ -365,12 +380,49 @@ def size_on_disk(
     return {"bytes_on_disk": total, "weight_file_bytes": weights, "files": files, "save_method": method}
 
 
+class _CachedBody(nn.Module):
+    """The reference's body with its final hidden states remembered per input window.
+
+    Every row is scored on the same windows, so the float32 reference body runs once per window for the whole
+    table instead of once per window per row; the LM head still runs on every call (exact: same tensors).
+    """
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.inner = body
+        self.memo: dict[tuple[tuple[int, ...], int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor]:
+        key = (tuple(input_ids.shape), hash(input_ids.cpu().numpy().tobytes()))
+        hit = self.memo.get(key)
+        if hit is None or not torch.equal(hit[0], input_ids):
+            out = self.inner(input_ids=input_ids, **kwargs)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            hit = (input_ids.clone(), hidden.detach())
+            self.memo[key] = hit
+        return (hit[1],)
+
+
+class CachedReference(nn.Module):
+    """What ``evaluate_agreement`` needs of the reference (config, ``base_model``, output head), with the body's
+    outputs cached by :class:`_CachedBody`. Never deep-copied into a row: rows copy ``Context.reference``."""
+
+    def __init__(self, reference: nn.Module) -> None:
+        super().__init__()
+        self.config = reference.config
+        self.base_model = _CachedBody(reference.base_model)
+        self.head = reference.get_output_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
+
+
 def quality(model: nn.Module, ctx: Context, name: str) -> dict[str, Any]:
     """Perplexity, KL and top-1 vs the reference on the shared windows (``evaluate_agreement``)."""
     from lmshrink.evaluation.agreement import evaluate_agreement
 
     r = evaluate_agreement(
-        model, ctx.reference, None, ctx.eval_ids, ctx=ctx.settings.ctx, progress=False, name=name
+        model, ctx.cached_reference, None, ctx.eval_ids, ctx=ctx.settings.ctx, progress=False, name=name
     )
     return {
         "perplexity": r.perplexity,
@@ -567,6 +619,8 @@ def run_table(name: str, title: str, rows: Sequence[Row], settings: Settings) ->
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{time.strftime('%Y-%m-%d', time.gmtime())}-{machine_name()}-{name}"
+    if settings.tag:
+        stem += "-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", settings.tag)
     json_path = out_dir / f"{stem}.json"
     for row in chosen:  # the file is rewritten after every row, so an interrupted run keeps what it measured
         results.append(run_row(row, ctx))
