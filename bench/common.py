@@ -100,6 +100,9 @@ def parse_settings(description: str, argv: Sequence[str] | None = None, **defaul
     p.add_argument("--speed-repeats", type=int, default=base.speed_repeats)
     p.add_argument("--speed-warmup", type=int, default=base.speed_warmup)
     p.add_argument("--decode-tokens", type=int, default=base.decode_tokens)
+    p.add_argument(
+        "--seq-len", type=int, default=base.seq_len, help="prefill length and decode prompt length (tokens)"
+    )
     p.add_argument("--calib-samples", type=int, default=base.calib_samples, help="calibration windows (c4)")
     p.add_argument("--calib-seq-len", type=int, default=base.calib_seq_len)
     p.add_argument(
@@ -123,6 +126,7 @@ def parse_settings(description: str, argv: Sequence[str] | None = None, **defaul
         speed_repeats=a.speed_repeats,
         speed_warmup=a.speed_warmup,
         decode_tokens=a.decode_tokens,
+        seq_len=a.seq_len,
         calib_samples=a.calib_samples,
         calib_seq_len=a.calib_seq_len,
         rows=[r.strip() for r in a.rows.split(",") if r.strip()] if a.rows else None,

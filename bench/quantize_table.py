@@ -17,6 +17,15 @@ per window (not once per row); the result files are rewritten after every window
     OMP_NUM_THREADS=1 .venv/bin/python bench/quantize_table.py --model float-llama
     # (re)create only the float model
     OMP_NUM_THREADS=1 .venv/bin/python bench/quantize_table.py --model float-llama --train-only
+    # the full WikiText-2 test set on a GPU (model, calibration and evaluation on cuda; cpu is the default)
+    python bench/quantize_table.py --device cuda --max-tokens 1000000
+    # GPTQ/RTN variants (rows outside the default table): per-channel int4 and the MSE-searched clipping
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quantize_table.py --max-tokens 4096 \
+        --rows int4-pc-rtn,int4-pc-gptq,int4-g64-rtn-mse,int4-g64-gptq-mse
+    # GPTQ options for every GPTQ row: --true-sequential, --damp 0.01, --token-clip 100, --no-act-order
+
+Rows whose quantized layers have no kernel on the chosen device fall back to dequantize-on-the-fly (the
+``kernels`` column says which ran); torch ``quantize_dynamic`` is CPU-only (a skipped row on cuda).
 
 Writes ``bench/results/quantize_table_<model>.json`` and ``.md``.
 """
@@ -150,6 +159,8 @@ class Row:
     save: Callable[..., str] = save_lmshrink
     needs_calibration: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    default: bool = True  # in the table when --rows is not given
+    cpu_only: bool = False  # skipped with --device cuda
 
 
 def _lmshrink(cfg: dict[str, Any]) -> Callable[[nn.Module, list[dict[str, torch.Tensor]]], nn.Module]:
@@ -188,23 +199,86 @@ def default_group_size(model: nn.Module) -> int:
     return g
 
 
-def make_rows(group: int, act_order: bool) -> list[Row]:
-    g = f"g{group}"
+def _direct(
+    cfg: dict[str, Any], mse: bool = False, token_clip: float | None = None
+) -> Callable[[nn.Module, list[dict[str, torch.Tensor]]], nn.Module]:
+    """RTN or GPTQ with options that are not QuantConfig fields, so the layers are quantized here directly:
+    ``mse``: the MSE-searched group clipping (``lmshrink.quantization.grid.compute_qparams_mse``, the GPTQ
+    reference's ``mse=True``; same search for RTN and GPTQ); ``token_clip`` (GPTQ): cap each calibration token's
+    Hessian share (``lmshrink.quantization.gptq.clip_token_energy``)."""
+
+    def build(model: nn.Module, calib: list[dict[str, torch.Tensor]]) -> nn.Module:
+        from lmshrink.models.arch import select_linears, set_submodule
+        from lmshrink.quantization.config import QuantConfig
+        from lmshrink.quantization.gptq import quantize_gptq
+        from lmshrink.quantization.grid import IntGrid, compute_qparams_mse, quantize_codes
+        from lmshrink.quantization.linear import QuantLinear, linear_weight_and_bias
+
+        qc = QuantConfig(**cfg)
+        layers = list(select_linears(model, qc.targets, qc.skip))
+        spec = qc.weight_spec()
+        grid = IntGrid(spec.bits, spec.symmetric, spec.group_size)
+        with torch.no_grad():
+            if qc.method == "gptq":
+                quantize_gptq(model, qc, layers, calib, mse=mse, token_clip=token_clip)
+            elif not mse:
+                from lmshrink.quantization.rtn import quantize_rtn
+
+                quantize_rtn(model, qc, layers)
+            else:
+                for name, mod in layers:
+                    w, b = linear_weight_and_bias(mod)
+                    scale, zero = compute_qparams_mse(w.float(), grid)
+                    codes = quantize_codes(w, scale, zero, grid)
+                    q = QuantLinear.from_codes(codes, scale, zero, spec, b, act=qc.act_mode)
+                    set_submodule(model, name, q.to(w.device))
+        model.lmshrink_format = "quantized"  # type: ignore[assignment]
+        model.lmshrink_quant_config = qc.model_dump(mode="json")  # type: ignore[assignment]
+        return model
+
+    return build
+
+
+def make_rows(
+    group: int,
+    act_order: bool,
+    true_sequential: bool = False,
+    damp: float = 0.01,
+    token_clip: float | None = None,
+) -> list[Row]:
+    """Every row. int4 rows come per group size (``g<group>``) and per channel (``pc``), each also with the
+    MSE-searched clipping (``-mse`` suffix; same search for RTN and GPTQ)."""
     ao = " (act-order)" if act_order else ""
+    ts = ", true-sequential" if true_sequential else ""
+    dp = f", damp {damp:g}" if damp != 0.01 else ""
+    dp += f", token clip {token_clip:g}x median" if token_clip is not None else ""
+    gptq_opts = {"method": "gptq", "act_order": act_order, "true_sequential": true_sequential, "damp": damp}
     int4_rows = [
         Row(
-            f"int4{key}-{g}-{method}",
-            f"int4{label} {g} {name}",
+            f"int4{key}-{g}-{method}{mse}",
+            f"int4{label} {g_label} {name}{' MSE-clip' if mse else ''}",
             "W4",
-            _lmshrink({**extra, "format": f"int4{key}", "group_size": group}),
+            (
+                _direct(
+                    {**extra, "format": f"int4{key}", "group_size": gs},
+                    bool(mse),
+                    token_clip if method == "gptq" else None,
+                )
+                if mse or (token_clip is not None and method == "gptq")
+                else _lmshrink({**extra, "format": f"int4{key}", "group_size": gs})
+            ),
             needs_calibration=method != "rtn",
+            default=g != "pc" and not mse,
         )
+        for g, gs, g_label in ((f"g{group}", group, f"g{group}"), ("pc", None, "per-channel"))
+        for mse in ("", "-mse")
         for key, label in (("", ""), ("-asym", " asymmetric"))
         for method, name, extra in (
             ("rtn", "RTN", {}),
-            ("gptq", "GPTQ" + ao, {"method": "gptq", "act_order": act_order}),
+            ("gptq", "GPTQ" + ao + ts + dp, gptq_opts),
             ("awq", "AWQ", {"method": "awq"}),
         )
+        if not (mse and method == "awq")
     ]
     return [
         Row("bf16", "bf16 (all weights and activations)", "16", _bf16, save_flat_safetensors),
@@ -243,6 +317,7 @@ def make_rows(group: int, act_order: bool) -> list[Row]:
             "W8A8",
             _torch_dynamic,
             save_flat_safetensors,
+            cpu_only=True,
         ),
     ]
 
@@ -285,6 +360,17 @@ class Acc:
 def _logp(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     out = model(window[None])
     return F.log_softmax(out.logits[0, :-1].float(), dim=-1)
+
+
+def _size_on_disk(model: nn.Module, save: Callable[..., str]) -> dict[str, Any]:
+    """Bytes on disk; a model on an accelerator is saved from a CPU copy (same tensors, same bytes)."""
+    if next(model.parameters()).device.type != "cpu":
+        cpu = copy.deepcopy(model).to("cpu")
+        try:
+            return size_on_disk(cpu, save, None)  # type: ignore[arg-type]
+        finally:
+            del cpu
+    return size_on_disk(model, save, None)  # type: ignore[arg-type]
 
 
 def _kernels(model: nn.Module) -> list[str]:
@@ -373,7 +459,25 @@ def main(argv: list[str] | None = None) -> Path | None:
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--group-size", type=int, default=None, help="int4/NF4 group (default: 128 if it divides)")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order")
-    p.add_argument("--rows", default=None, help="comma-separated row keys (default: all); fp32 always runs")
+    p.add_argument("--true-sequential", action="store_true", help="GPTQ rows with true_sequential=True")
+    p.add_argument(
+        "--damp", type=float, default=0.01, help="GPTQ damping (fraction of the mean Hessian diagonal)"
+    )
+    p.add_argument(
+        "--token-clip",
+        type=float,
+        default=None,
+        help="GPTQ rows: cap every calibration token's squared input norm at this many times the median",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="cpu or cuda[:i]: model, calibration and evaluation run there"
+    )
+    p.add_argument(
+        "--rows",
+        default=None,
+        help="comma-separated row keys (default: every row except the per-channel 'pc' and '-mse' ones); "
+        "fp32 always runs",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--train-only", action="store_true", help="with --model float-llama: (re)train and exit")
     p.add_argument(
@@ -391,6 +495,14 @@ def main(argv: list[str] | None = None) -> Path | None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        raise SystemExit(f"--device {a.device}: not a device name; use cpu or cuda[:i]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {a.device}: CUDA is not available here (torch {torch.__version__})")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {a.device}: only cpu and cuda are supported")
     if a.train_only:
         if a.model != "float-llama":
             raise SystemExit("--train-only needs --model float-llama")
@@ -404,30 +516,37 @@ def main(argv: list[str] | None = None) -> Path | None:
     started = time.time()
     spec, label = resolve_model(a.model, a.threads)
     ref, tok = load_model(spec, dtype="float32")
-    ref.eval()
+    ref = ref.to(device).eval()
     group = a.group_size or default_group_size(ref)
-    rows = make_rows(group, not a.no_act_order)
+    rows = make_rows(group, not a.no_act_order, a.true_sequential, a.damp, a.token_clip)
     if a.rows:
         keep = {k.strip() for k in a.rows.split(",") if k.strip()}
         unknown = keep - {r.key for r in rows}
         if unknown:
             raise SystemExit(f"unknown rows {sorted(unknown)}; known: {', '.join(r.key for r in rows)}")
         rows = [r for r in rows if r.key in keep]
+    else:
+        rows = [r for r in rows if r.default]
     ids = tokenize_corpus(tok, load_text("wikitext2", split="test"))
     n_windows = min(a.max_tokens, ids.numel()) // a.ctx
-    windows = ids[: n_windows * a.ctx].reshape(n_windows, a.ctx)
+    windows = ids[: n_windows * a.ctx].reshape(n_windows, a.ctx).to(device)
     calib = calibration_batches(tok, "c4", n_samples=a.calib_samples, seq_len=a.calib_seq_len, seed=0)
+    calib = [{k: v.to(device) for k, v in b.items()} for b in calib]
     selected = LinearSelection.of(ref).names
     n_sel = sum(ref.get_submodule(n).weight.numel() for n in selected)
     out = Path(a.out) if a.out else RESULTS / f"quantize_table_{label}.json"
 
     base: dict[str, Any] = {"key": "fp32", "method": "float32 reference", "bits": "32", "status": "ok"}
     base["stored_bytes"] = stored_bytes(ref)
-    base.update(size_on_disk(ref, save_flat_safetensors, None))  # type: ignore[arg-type]
+    base.update(_size_on_disk(ref, save_flat_safetensors))
     records: list[dict[str, Any]] = [base]
     models: dict[str, nn.Module] = {}
     for row in rows:
         rec: dict[str, Any] = {"key": row.key, "method": row.method, "bits": row.bits}
+        if row.cpu_only and device.type != "cpu":
+            rec.update(status="skipped", reason=f"CPU-only row, not run on {device}")
+            records.append(rec)
+            continue
         try:
             log.info("%s: building", row.key)
             t0 = time.perf_counter()
@@ -435,7 +554,7 @@ def main(argv: list[str] | None = None) -> Path | None:
             rec["build_s"] = time.perf_counter() - t0
             rec["kernels"] = _kernels(model)
             rec["stored_bytes"] = stored_bytes(model)
-            rec.update(size_on_disk(model, row.save, None))  # type: ignore[arg-type]
+            rec.update(_size_on_disk(model, row.save))
             rec["status"] = "ok"
             models[row.key] = model
             log.info("%s: built in %.0f s (%s)", row.key, rec["build_s"], rec["kernels"])
@@ -446,7 +565,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         gc.collect()
 
     doc: dict[str, Any] = {
-        "title": f"Quantization accuracy, {label}, WikiText-2 test (GPTQ protocol), CPU",
+        "title": f"Quantization accuracy, {label}, WikiText-2 test (GPTQ protocol), {device.type.upper()}",
         "model": label,
         "model_spec": spec,
         "command": "OMP_NUM_THREADS=1 python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
@@ -468,7 +587,14 @@ def main(argv: list[str] | None = None) -> Path | None:
             "time_budget_s": a.time_budget,
         },
         "selected_linears": {"count": len(selected), "weights": n_sel},
-        "provenance": provenance("cpu", torch.float32),
+        "provenance": provenance(str(device), torch.float32),
+        "device": str(device),
+        "gptq": {
+            "act_order": not a.no_act_order,
+            "true_sequential": a.true_sequential,
+            "damp": a.damp,
+            "token_clip": a.token_clip,
+        },
         "versions": versions(),
         "threads": a.threads,
         "complete": False,

@@ -32,15 +32,35 @@ from lmshrink.models.arch import set_submodule
 from lmshrink.models.layerwise import BlockInput, run_block
 from lmshrink.quantization.api import Batches, BlockLayers, feed_inputs, for_each_block
 from lmshrink.quantization.config import QuantConfig
-from lmshrink.quantization.grid import IntGrid, compute_qparams
+from lmshrink.quantization.grid import IntGrid, compute_qparams, compute_qparams_mse
 from lmshrink.quantization.linear import QuantLinear, linear_weight_and_bias
 
 log = logging.getLogger(__name__)
 
 
-def accumulate_hessian(inp: torch.Tensor, h: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
-    """Running mean of ``2 x x^T`` over rows of ``inp`` (..., K): returns the updated ``(H, n_rows)``."""
+def clip_token_energy(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Rows of ``x`` (T, K) scaled down so that no row's squared norm exceeds ``factor`` times the median one.
+
+    Attention-sink tokens (smollm2-135m: the first two positions of every window) reach ``down_proj`` with inputs
+    so large that they carry up to 99.9% of ``sum x x^T``: the plain Hessian then fits the layer to those two
+    tokens only. Clipped rows keep their direction and still count ``factor`` times a typical token.
+    """
+    e = x.pow(2).sum(dim=-1)
+    cap = factor * e.median()
+    w = torch.where(e > cap, torch.sqrt(cap / e.clamp(min=1e-30)), torch.ones_like(e))
+    return x * w.unsqueeze(1)
+
+
+def accumulate_hessian(
+    inp: torch.Tensor, h: torch.Tensor, n: int, token_clip: float | None = None
+) -> tuple[torch.Tensor, int]:
+    """Running mean of ``2 x x^T`` over rows of ``inp`` (..., K): returns the updated ``(H, n_rows)``.
+
+    ``token_clip``: clip each row's energy at that many times the batch's median (:func:`clip_token_energy`).
+    """
     x = inp.reshape(-1, inp.shape[-1]).float()
+    if token_clip is not None:
+        x = clip_token_energy(x, token_clip)
     m = x.shape[0]
     h = h * (n / (n + m))
     n += m
@@ -56,16 +76,17 @@ def _round_scale(scale: torch.Tensor, grid: IntGrid) -> torch.Tensor:
 class GPTQ:
     """Per-layer GPTQ state: the float weight (N, K) and the Hessian of its inputs."""
 
-    def __init__(self, weight: torch.Tensor, name: str = "layer") -> None:
+    def __init__(self, weight: torch.Tensor, name: str = "layer", token_clip: float | None = None) -> None:
         self.weight = weight.detach().float().clone()
         self.name = name
+        self.token_clip = token_clip
         k = self.weight.shape[1]
         self.h = torch.zeros(k, k, dtype=torch.float32, device=weight.device)
         self.n = 0
 
     def add_batch(self, inp: torch.Tensor) -> None:
         """Accumulate the inputs (..., K) of one calibration batch."""
-        self.h, self.n = accumulate_hessian(inp, self.h, self.n)
+        self.h, self.n = accumulate_hessian(inp, self.h, self.n, self.token_clip)
 
     def _inverse_cholesky(self, h: torch.Tensor, percdamp: float) -> torch.Tensor:
         damp = percdamp * torch.mean(torch.diag(h))
@@ -80,9 +101,19 @@ class GPTQ:
         raise NumericsError(f"layer {self.name!r}: Hessian is not positive definite even with large damping")
 
     def quantize(
-        self, grid: IntGrid, blocksize: int = 128, percdamp: float = 0.01, actorder: bool = False
+        self,
+        grid: IntGrid,
+        blocksize: int = 128,
+        percdamp: float = 0.01,
+        actorder: bool = False,
+        mse: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return integer codes (N, K) in the original column order and ``scale``/``zero`` (N, n_groups)."""
+        """Return integer codes (N, K) in the original column order and ``scale``/``zero`` (N, n_groups).
+
+        ``mse``: fit each group's clipping range by the reference's shrink search
+        (:func:`~lmshrink.quantization.grid.compute_qparams_mse`) instead of plain min/max.
+        """
+        qparams = compute_qparams_mse if mse else compute_qparams
         w = self.weight.clone()
         n_rows, k = w.shape
         h = self.h.clone()
@@ -94,7 +125,7 @@ class GPTQ:
         gs = grid.group_size
         per_channel = IntGrid(grid.bits, grid.symmetric, None)
         if gs is None or actorder:  # per-channel, or static groups (computed before permuting)
-            scale, zero = compute_qparams(w, grid)
+            scale, zero = qparams(w, grid)
             scale = _round_scale(scale, grid)
         else:
             n_groups = k // gs
@@ -114,7 +145,7 @@ class GPTQ:
             for i in range(i2 - i1):
                 col = int(perm[i1 + i])
                 if gs is not None and not actorder and col % gs == 0:  # dynamic group: fit on updated weights
-                    s, z = compute_qparams(_group_cols(w, w1, err1, hinv, i1, i, gs), per_channel)
+                    s, z = qparams(_group_cols(w, w1, err1, hinv, i1, i, gs), per_channel)
                     scale[:, col // gs], zero[:, col // gs] = _round_scale(s, grid).flatten(), z.flatten()
                 g = 0 if gs is None else col // gs
                 s_col, z_col = scale[:, g], zero[:, g]
@@ -189,9 +220,20 @@ def _add_batch(states: dict[str, GPTQ], rel: str, x: torch.Tensor) -> None:
 
 
 def quantize_gptq(
-    model: nn.Module, config: QuantConfig, layers: list[tuple[str, nn.Module]], calibration: Batches | None
+    model: nn.Module,
+    config: QuantConfig,
+    layers: list[tuple[str, nn.Module]],
+    calibration: Batches | None,
+    *,
+    mse: bool = False,
+    token_clip: float | None = None,
 ) -> None:
-    """Handler for ``method="gptq"``: block by block, Hessians from the block's calibration inputs."""
+    """Handler for ``method="gptq"``: block by block, Hessians from the block's calibration inputs.
+
+    ``mse`` (not a :class:`QuantConfig` field; for experiments): MSE-searched group clipping, see
+    :meth:`GPTQ.quantize`. Layers outside the blocks then still get plain RTN. ``token_clip`` (also not a config
+    field): cap each calibration token's share of the Hessian, see :func:`clip_token_energy`.
+    """
     assert calibration is not None  # checked by quantize_model
     spec = config.weight_spec()
     grid = IntGrid(spec.bits, spec.symmetric, spec.group_size)
@@ -201,11 +243,11 @@ def quantize_gptq(
             sequential_groups(block, block_layers, inputs[:1]) if config.true_sequential else [block_layers]
         )
         for group in groups:
-            states = {rel: GPTQ(linear_weight_and_bias(mod)[0], full) for full, rel, mod in group}
+            states = {rel: GPTQ(linear_weight_and_bias(mod)[0], full, token_clip) for full, rel, mod in group}
             feed_inputs(block, {rel: mod for _, rel, mod in group}, inputs, partial(_add_batch, states))
             for _full, rel, mod in group:
                 codes, scale, zero = states[rel].quantize(
-                    grid, config.block_size, config.damp, config.act_order
+                    grid, config.block_size, config.damp, config.act_order, mse
                 )
                 bias = linear_weight_and_bias(mod)[1]
                 q = QuantLinear.from_codes(codes, scale, zero, spec, bias, act=config.act_mode)

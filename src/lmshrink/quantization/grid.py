@@ -77,6 +77,41 @@ def compute_qparams(w: torch.Tensor, grid: IntGrid) -> tuple[torch.Tensor, torch
     return scale, zero
 
 
+def compute_qparams_mse(
+    w: torch.Tensor, grid: IntGrid, grid_points: int = 100, maxshrink: float = 0.8, norm: float = 2.4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`compute_qparams` with the clipping range searched per group (the GPTQ reference's ``mse=True``).
+
+    The range ``[min, max]`` (symmetric: ``[-absmax, absmax]``) is shrunk by ``p = 1 - i / grid_points`` for
+    ``i < maxshrink * grid_points``; each group keeps the ``p`` with the least ``sum |w - deq(w)|^norm``
+    (``p = 1`` is always a candidate, so the error never exceeds plain min/max).
+    """
+    g = _grouped(w.detach().float(), grid.group_size)
+    flat = IntGrid(grid.bits, grid.symmetric, None)  # qparams per row of the (groups, g) view
+    rows = g.reshape(-1, g.shape[-1])
+    best_err = torch.full((rows.shape[0],), float("inf"), device=rows.device)
+    best_s, best_z = compute_qparams(rows, flat)
+    lo = rows.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = rows.amax(dim=-1, keepdim=True).clamp(min=0)
+    for i in range(max(1, int(maxshrink * grid_points))):
+        p = 1.0 - i / grid_points
+        if grid.symmetric:
+            amax = torch.maximum(-lo, hi) * p
+            cand = torch.cat([-amax, amax], dim=-1)
+        else:
+            cand = torch.cat([lo * p, hi * p], dim=-1)
+        s, z = compute_qparams(cand, flat)
+        if grid.group_size is not None:  # grouped scales are stored in float16
+            s = s.to(torch.float16).float()
+        q = torch.clamp(torch.round(rows / s) + z, grid.qmin, grid.qmax)
+        err = ((q - z) * s - rows).abs().pow(norm).sum(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better[:, None], s, best_s)
+        best_z = torch.where(better[:, None], z, best_z)
+    return best_s.reshape(g.shape[:2]), best_z.reshape(g.shape[:2])
+
+
 def _expand(p: torch.Tensor, w_shape: torch.Size, group_size: int | None) -> torch.Tensor:
     rows, cols = w_shape
     if group_size is None:

@@ -1,0 +1,98 @@
+"""GPTQ's experimental options: MSE-searched group clipping and the per-token Hessian energy cap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmshrink.quantization.gptq import GPTQ, accumulate_hessian, clip_token_energy
+from lmshrink.quantization.grid import (
+    IntGrid,
+    compute_qparams,
+    compute_qparams_mse,
+    dequantize_codes,
+    quantize_codes,
+)
+
+
+def _sq_err(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+    deq = dequantize_codes(quantize_codes(w, scale, zero, grid), scale, zero, grid)
+    return (deq - w).pow(2)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [16, None, 0])
+def test_mse_qparams_never_worse_than_minmax(symmetric: bool, group: int | None) -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 64, generator=g) * torch.rand(12, 1, generator=g)
+    w[3, 7] = 9.0  # an outlier: clipping it is where the search pays
+    grid = IntGrid(4, symmetric, group)
+    s0, z0 = compute_qparams(w, grid)
+    s1, z1 = compute_qparams_mse(w, grid, norm=2.0)
+    assert s1.shape == s0.shape and z1.shape == z0.shape
+    if group:  # both quantize against float16-stored scales
+        s0 = s0.half().float()
+    e0, e1 = _sq_err(w, s0, z0, grid).sum(), _sq_err(w, s1, z1, grid).sum()
+    assert e1 <= e0 * (1 + 1e-6)
+    assert e1 < 0.98 * e0  # and it clips somewhere on Gaussian weights
+    assert (s1 <= s0 * (1 + 1e-3)).all()  # the search only shrinks the range
+
+
+def test_gptq_mse_codes_on_grid_and_layer_error_not_worse() -> None:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 64, generator=g)
+    x = torch.randn(2048, 64, generator=g) @ (torch.randn(64, 64, generator=g) / 8)
+    grid = IntGrid(4, True, 16)
+    errs = {}
+    for mse in (False, True):
+        q = GPTQ(w)
+        q.add_batch(x)
+        codes, scale, zero = q.quantize(grid, blocksize=32, actorder=False, mse=mse)
+        assert int(codes.min()) >= grid.qmin and int(codes.max()) <= grid.qmax
+        deq = dequantize_codes(codes, scale, zero, grid)
+        errs[mse] = float((x @ (w - deq).t()).pow(2).mean())
+    assert errs[True] < 1.05 * errs[False]
+
+
+def test_clip_token_energy_caps_only_outlier_rows() -> None:
+    x = torch.ones(10, 4)
+    x[0] *= 100.0  # an attention-sink-like row: 10^4 times the median energy
+    y = clip_token_energy(x, 10.0)
+    e = y.pow(2).sum(-1)
+    assert torch.allclose(e[0], 10.0 * e[1:].median())
+    assert torch.equal(y[1:], x[1:])
+    assert torch.allclose(y[0] / y[0].norm(), x[0] / x[0].norm())  # direction kept
+
+
+def test_token_clip_none_is_the_plain_hessian_and_clip_limits_a_sink() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 8, generator=g)
+    x[0] = 1000.0 * torch.randn(8, generator=g)
+    h0, n0 = accumulate_hessian(x, torch.zeros(8, 8), 0)
+    h1, n1 = accumulate_hessian(x, torch.zeros(8, 8), 0, token_clip=None)
+    assert torch.equal(h0, h1) and n0 == n1 == 256
+    sink0 = 2 * x[0].pow(2).sum() / 256
+    assert torch.trace(h0) > 0.99 * sink0  # the plain Hessian is the sink token
+    h2, _ = accumulate_hessian(x, torch.zeros(8, 8), 0, token_clip=10.0)
+    assert torch.trace(h2) < 0.2 * torch.trace(h0)
+
+
+def test_token_clip_helps_ordinary_tokens_when_a_sink_dominates() -> None:
+    """With one huge token in the calibration rows, capping its share makes GPTQ fit the ordinary tokens."""
+    g = torch.Generator().manual_seed(3)
+    k = 64
+    mix = torch.randn(k, k, generator=g) / k**0.5
+    ordinary = torch.randn(4096, k, generator=g) @ mix
+    sink = 300.0 * torch.randn(4, k, generator=g)
+    x = torch.cat([sink, ordinary[:2048]])
+    held_out = ordinary[2048:]
+    w = torch.randn(48, k, generator=g)
+    grid = IntGrid(4, True, 16)
+    errs = {}
+    for clip in (None, 10.0):
+        q = GPTQ(w, token_clip=clip)
+        q.add_batch(x)
+        codes, scale, zero = q.quantize(grid, actorder=True)
+        deq = dequantize_codes(codes, scale, zero, grid)
+        errs[clip] = float((held_out @ (w - deq).t()).pow(2).mean())
+    assert errs[10.0] < errs[None]
