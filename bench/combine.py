@@ -44,6 +44,28 @@ def merge_quality(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def merge_speed(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One speed document from runs with the same speed settings; a later run's row replaces an earlier one."""
+    keys = ("model", "threads", "speed_repeats", "speed_warmup", "decode_tokens", "seq_len", "prefill_batch")
+    first = docs[0]
+    for d in docs[1:]:
+        for k in keys:
+            if d["settings"].get(k) != first["settings"].get(k):
+                raise SystemExit(
+                    f"speed runs differ in {k}: {first['settings'].get(k)} vs {d['settings'].get(k)}"
+                )
+    rows: dict[str, dict[str, Any]] = {}
+    for d in docs:
+        for r in d["rows"][1:]:
+            if r.get("speed") or r["key"] not in rows:
+                rows[r["key"]] = r
+    out = json.loads(json.dumps(first))
+    out["rows"] = [first["rows"][0], *rows.values()]
+    if len(docs) > 1:
+        out["command"] = " ; ".join(d["command"] for d in docs)
+    return out
+
+
 def combine(quality: dict[str, Any], speed: dict[str, Any]) -> dict[str, Any]:
     """``quality`` with each row's ``speed`` taken from the row of the same key in ``speed``."""
     if quality["settings"]["model"] != speed["settings"]["model"]:
@@ -78,13 +100,15 @@ def combine(quality: dict[str, Any], speed: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("quality", type=Path, nargs="+", help="quality runs (--no-speed)")
-    p.add_argument("--speed", type=Path, required=True, help="the speed run (--no-quality)")
+    p.add_argument(
+        "--speed", type=Path, nargs="+", required=True, help="the speed runs (same speed settings)"
+    )
     p.add_argument(
         "--out", type=Path, required=True, help="combined JSON (the Markdown table is written beside it)"
     )
     a = p.parse_args(argv)
     quality = merge_quality([json.loads(q.read_text()) for q in a.quality])
-    doc = combine(quality, json.loads(a.speed.read_text()))
+    doc = combine(quality, merge_speed([json.loads(f.read_text()) for f in a.speed]))
     from lmshrink.utils.io import atomic_write_text
 
     atomic_write_text(a.out, json.dumps(doc, indent=2, default=str) + "\n")
