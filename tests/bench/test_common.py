@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lmshrink.evaluation.agreement import evaluate_agreement
 
@@ -16,25 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from common import CachedReference
 
 
-def _tiny() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        vocab_size=50,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def test_cached_reference_matches_uncached_and_runs_body_once_per_window() -> None:
-    ref = _tiny()
+def test_cached_reference_matches_uncached_and_runs_body_once_per_window(tiny_llama) -> None:
+    ref = tiny_llama
     other = copy.deepcopy(ref)
     with torch.no_grad():
         other.model.layers[0].mlp.down_proj.weight.mul_(0.5)
-    ids = torch.randint(0, 50, (256,))
+    ids = torch.randint(0, 128, (256,))
     plain = evaluate_agreement(other, ref, None, ids, ctx=64, progress=False)
     cached = CachedReference(ref)
     calls = []
@@ -50,11 +36,11 @@ def test_cached_reference_matches_uncached_and_runs_body_once_per_window() -> No
     assert len(calls) == 4  # 4 windows of 64, the body ran once per window for both evaluations
 
 
-def test_cached_reference_recomputes_for_new_windows() -> None:
-    ref = _tiny()
+def test_cached_reference_recomputes_for_new_windows(tiny_llama) -> None:
+    ref = tiny_llama
     cached = CachedReference(ref)
-    a = torch.randint(0, 50, (128,))
-    b = (a + 1) % 50
+    a = torch.randint(0, 128, (128,))
+    b = (a + 1) % 128
     ra = evaluate_agreement(ref, cached, None, a, ctx=64, progress=False)
     rb = evaluate_agreement(ref, cached, None, b, ctx=64, progress=False)
     assert ra.kl_mean < 1e-9 and rb.kl_mean < 1e-9  # the same model: no stale hidden states reused
