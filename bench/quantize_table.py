@@ -14,7 +14,7 @@ per window (not once per row); the result files are rewritten after every window
     # the reference model (smollm2-135m, its float weights are dequantized Q4_1 values)
     OMP_NUM_THREADS=1 .venv/bin/python bench/quantize_table.py --max-tokens 102400
     # a model trained in float by lmshrink itself (trained first when absent, ~15 CPU-minutes, one thread)
-    OMP_NUM_THREADS=1 .venv/bin/python bench/quantize_table.py --model float-llama
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quantize_table.py --model float-llama --ctx 128 --calib-seq-len 128 --calib-samples 128
     # (re)create only the float model
     OMP_NUM_THREADS=1 .venv/bin/python bench/quantize_table.py --model float-llama --train-only
     # the full WikiText-2 test set on a GPU (model, calibration and evaluation on cuda; cpu is the default)
@@ -510,6 +510,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         return None
 
     from lmshrink.data import calibration_batches, load_text, tokenize_corpus
+    from lmshrink.evaluation.perplexity import model_max_length
     from lmshrink.models import load_model
     from lmshrink.utils.env import provenance
 
@@ -527,6 +528,16 @@ def main(argv: list[str] | None = None) -> Path | None:
         rows = [r for r in rows if r.key in keep]
     else:
         rows = [r for r in rows if r.default]
+    limit = model_max_length(ref)
+    if limit is not None and a.ctx > limit:
+        raise SystemExit(
+            f"--ctx {a.ctx} exceeds {label}'s maximum context of {limit} tokens; pass --ctx {limit} "
+            f"(and --calib-seq-len <= {limit})"
+        )
+    if limit is not None and a.calib_seq_len > limit:
+        raise SystemExit(
+            f"--calib-seq-len {a.calib_seq_len} exceeds {label}'s maximum context of {limit} tokens"
+        )
     ids = tokenize_corpus(tok, load_text("wikitext2", split="test"))
     n_windows = min(a.max_tokens, ids.numel()) // a.ctx
     windows = ids[: n_windows * a.ctx].reshape(n_windows, a.ctx).to(device)

@@ -31,9 +31,11 @@ def test_per_token_matches_float_reference_of_quantized_operands(m: int) -> None
     bias = torch.randn(48)
     y = cpu.int8_linear_per_token(x, cpu.prepack_int8(q, scale), bias)
     ref = cpu.quantize_per_token_reference(x, cpu.needs_reduce_range()) @ w.t() + bias
-    # the kernel differs from the simulation only by fbgemm's float rounding of its qparams
+    # the kernel differs from the simulation only by fbgemm's float rounding of its qparams; with 7-bit activations
+    # (reduce_range, CPUs without VNNI such as AVX2-only ones) that rounding moves some codes by one of 127 steps,
+    # a relative error of up to ~1/127 per row (measured on an AVX2 EPYC: at most 5.7e-3)
     rel = (y - ref).norm(dim=1) / ref.norm(dim=1)
-    assert rel.max() < 2e-3
+    assert rel.max() < (1e-2 if cpu.needs_reduce_range() else 2e-3)
 
 
 def test_per_token_beats_per_tensor_on_rows_of_different_scale() -> None:
