@@ -111,11 +111,11 @@ def variants(
 
     calib: list[Any] = []
 
-    def q(cfg: QuantConfig) -> Callable[[], nn.Module]:
+    def q(cfg: QuantConfig, embeddings: bool = False) -> Callable[[], nn.Module]:
         def make() -> nn.Module:
             if cfg.needs_calibration and not calib:
                 calib.extend(calibration_batches(tok, "c4", n_samples=calib_n, seq_len=512, seed=0))
-            return quantize_model(copy.deepcopy(base), cfg, calib or None)
+            return quantize_model(copy.deepcopy(base), cfg, calib or None, embeddings=embeddings)
 
         return make
 
@@ -124,7 +124,11 @@ def variants(
         "int8 W8A8 RTN (per-channel W, per-token A)": q(QuantConfig(format="int8", activations="int8")),
         "int8 W8A8 SmoothQuant": q(QuantConfig(method="smoothquant", format="int8")),
         "int8 weight-only RTN per-channel": q(QuantConfig(format="int8", activations="float")),
+        "int8 weight-only RTN per-channel + embeddings/LM head": q(
+            QuantConfig(format="int8", activations="float"), embeddings=True
+        ),
         "int4 g64 weight-only RTN": q(QuantConfig(format="int4", group_size=64)),
+        "int4 g64 weight-only RTN + embeddings/LM head": q(QuantConfig(format="int4", group_size=64), embeddings=True),
         "int4-asym g64 weight-only RTN": q(QuantConfig(format="int4-asym", group_size=64)),
         "nf4 g64 weight-only": q(QuantConfig(format="nf4", group_size=64)),
     }

@@ -144,3 +144,73 @@ def test_amx_path_identical_with_and_without_fused_helpers(monkeypatch: pytest.M
     fused = cpu.int8_linear_per_token_amx(x, q, scale, bias)
     monkeypatch.setattr(cpu.cpu_ext, "load", lambda: None)
     assert torch.equal(fused, cpu.int8_linear_per_token_amx(x, q, scale, bias))
+
+
+# ---- weight-only GEMV kernels with float32 activations (AVX2 + FMA CPUs without native bf16) ------------------
+needs_avx2_gemv = pytest.mark.skipif(
+    cpu.bf16_matmul_available() or not cpu.avx2_gemv_available(),
+    reason="AVX2 GEMV kernels not built here, or the CPU uses the bf16 kernels",
+)
+
+_GEMV_CASES = [
+    ("int8", None, "int8-weight-only-cpu-avx2"),
+    ("int4", 64, "int4-weight-only-cpu-avx2"),
+    ("int4-asym", 32, "int4-weight-only-cpu-avx2"),
+    ("int4", None, "int4-weight-only-cpu-avx2"),
+    ("nf4", 64, "nf4-weight-only-cpu-avx2"),
+    ("nf4", 128, "nf4-weight-only-cpu-avx2"),
+]
+
+
+@needs_avx2_gemv
+@pytest.mark.parametrize("fmt,group,kernel", _GEMV_CASES)
+@pytest.mark.parametrize("m", [1, 3, 8, 17])
+def test_avx2_weight_only_gemv_matches_decoded_weight(fmt: str, group: int | None, kernel: str, m: int) -> None:
+    from lmshrink.quantization.config import WeightSpec
+    from lmshrink.quantization.linear import QuantLinear
+
+    torch.manual_seed(0)
+    w, b = torch.randn(80, 256) * 0.05, torch.randn(80)
+    q = QuantLinear.from_weight(w, b, WeightSpec.parse(fmt, group_size=group))
+    assert q.kernel_name == kernel
+    x = torch.randn(m, 256) * 3
+    ref = x @ q.dequantize_weight().t() + b
+    y = q(x)
+    assert y.dtype == torch.float32 and y.shape == (m, 80)
+    # float32 activations and accumulation: only the summation order differs from F.linear
+    assert ((y - ref).abs().max() / ref.abs().max()).item() < 2e-6
+    # and no activation rounding anywhere (the bf16 kernels are ~1e-3 off)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_avx2_gemv
+def test_avx2_gemv_is_what_the_layer_runs_at_decode() -> None:
+    from lmshrink.quantization.config import WeightSpec
+    from lmshrink.quantization.linear import QuantLinear
+
+    torch.manual_seed(1)
+    q8 = QuantLinear.from_weight(torch.randn(48, 96), None, WeightSpec.parse("int8"))
+    x = torch.randn(1, 96)
+    assert torch.equal(q8(x), ext.int8_wo_gemv(x, q8.qweight, q8.scale, None))
+
+
+@needs_avx2_gemv
+@pytest.mark.parametrize("k", [8, 100, 200])
+def test_int8_gemv_handles_any_width(k: int) -> None:
+    q, scale = torch.randint(-127, 128, (33, k), dtype=torch.int8), torch.rand(33) + 0.1
+    x = torch.randn(5, k)
+    ref = x @ (q.float() * scale[:, None]).t()
+    assert torch.allclose(ext.int8_wo_gemv(x, q, scale, None), ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_avx2_gemv
+def test_int4_gemv_rejects_bad_layouts() -> None:
+    x = torch.randn(1, 64)
+    packed = torch.zeros(4, 32, dtype=torch.uint8)
+    scale = torch.ones(4, 8)  # groups of 8: not a multiple of 16
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ext.int4_wo_gemv(x, packed, scale, torch.zeros(4, 8), None, None)
+    with pytest.raises(RuntimeError, match="packed"):
+        ext.int4_wo_gemv(torch.randn(1, 32), packed, torch.ones(4, 2), torch.zeros(4, 2), None, None)
+    with pytest.raises(RuntimeError, match="lut"):
+        ext.int4_wo_gemv(x, packed, torch.ones(4, 2), torch.zeros(4, 2), None, torch.zeros(8))

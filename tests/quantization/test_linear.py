@@ -116,8 +116,8 @@ def test_formats_without_a_cpu_kernel_report_dequantize_on_the_fly() -> None:
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        QuantLinear.from_weight(torch.randn(8, 64), None, WeightSpec.parse("nf4", 64)),
         QuantLinear.from_weight(torch.randn(8, 64), None, WeightSpec.parse("int3", 32)),
+        QuantLinear.from_weight(torch.randn(8, 64), None, WeightSpec.parse("1.58bit")),
     )
     assert {m.kernel_name for m in model} == {"dequantize-on-the-fly"}
     assert describe_kernels(model) == {"kernels": {}, "dequantize_on_the_fly": 2}

@@ -13,6 +13,9 @@ KERNEL_NAMES = (
     "fbgemm-int8-dynamic-per-token+fp32-outliers",  # CPU: LLM.int8() decomposition
     "int8-weight-only-cpu-bf16",  # CPU with AMX/AVX512-BF16: _weight_int8pack_mm (few rows) / bf16 AMX GEMM
     "int4-weight-only-cpu-bf16",  # CPU with AMX/AVX512-BF16: _weight_int4pack_mm_for_cpu / decode to bf16 + AMX
+    "int8-weight-only-cpu-avx2",  # CPU with AVX2+FMA: fp32-activation GEMV (few rows) / dequantize + F.linear
+    "int4-weight-only-cpu-avx2",  # CPU with AVX2+FMA: fp32-activation GEMV (few rows) / dequantize + F.linear
+    "nf4-weight-only-cpu-avx2",  # CPU with AVX2+FMA: the 4-bit GEMV with the NF4 codebook in registers
     "cuda-int8-mm",  # CUDA: torch._int_mm, column-major weight
     "cuda-int4-weight-only",  # CUDA: torch._weight_int4pack_mm
     "cuda-fp8-scaled-mm",  # CUDA: torch._scaled_mm

@@ -7,7 +7,12 @@ work around an int8 GEMM on CPU, which eager PyTorch does in 5-8 separate passes
 * ``rescale(acc, sx, sw, bias)``: ``float(acc) * sx[m] * sw[n] (+ bias[n])`` in one pass over the int32 GEMM output,
   bit-identical to ``acc.float().mul_(sx).mul_(sw).add_(bias)``;
 * ``dequant_int4_bf16(packed, scale, zero, k, qmin)``: bit-packed 4-bit codes (two per byte) to a bfloat16 weight
-  ``(u + qmin - z) * s`` in one pass, for the bf16 (AMX) prefill path of int4 weight-only layers.
+  ``(u + qmin - z) * s`` in one pass, for the bf16 (AMX) prefill path of int4 weight-only layers;
+* ``int8_wo_gemv(x, q, scale, bias)`` / ``int4_wo_gemv(x, packed, scale, off, bias, lut)``: weight-only linear
+  layers for few rows (decode) with float32 activations on AVX2 + FMA: the int8 / 4-bit codes are read once, widened
+  to float32 in registers (4-bit codes through a 16-entry codebook ``lut`` for NF4) and multiplied with FMA, so a
+  decode step reads 1/4 (int8) or ~1/7 (4-bit g64) of the fp32 weight bytes.
+  Summation order differs from ``F.linear`` on the dequantized weight (float32 rounding, ~1e-6 relative).
 
 Rows are split over torch's intra-op threads (``at::parallel_for``). The extension needs a C++ compiler and ninja;
 when either is missing, or the build fails, :func:`load` returns ``None`` and callers use the eager equivalents
@@ -163,14 +168,211 @@ torch::Tensor dequant_int4_bf16(torch::Tensor packed, torch::Tensor scale, c10::
   });
   return out;
 }
+// ---- weight-only GEMV with float32 activations (AVX2 + FMA): decode-time linear layers -------------------------
+static inline float hsum256(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  __m128 sh = _mm_movehdup_ps(lo);
+  __m128 s = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, s);
+  return _mm_cvtss_f32(_mm_add_ss(s, sh));
+}
+
+static inline __m256 load_i8_ps(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// y[m, n] = scale[n] * sum_k x[m, k] * q[n, k] (+ bias[n]) for MB rows of x, U x 8 lanes of k per step.
+template <int MB, int U>
+static void int8_wo_block(const float* xp, int64_t k, const int8_t* qp, const float* sp, const float* bp,
+                          float* yp, int64_t ldy, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = qp + n * k;
+    __m256 acc[MB][U];
+    for (int m = 0; m < MB; ++m)
+      for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 * U <= k; j += 8 * U) {
+      __m256 wv[U];
+      for (int u = 0; u < U; ++u) wv[u] = load_i8_ps(w + j + 8 * u);
+      for (int m = 0; m < MB; ++m)
+        for (int u = 0; u < U; ++u)
+          acc[m][u] = _mm256_fmadd_ps(wv[u], _mm256_loadu_ps(xp + m * k + j + 8 * u), acc[m][u]);
+    }
+    for (int m = 0; m < MB; ++m) {
+      __m256 t = acc[m][0];
+      for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[m][u]);
+      float s = hsum256(t);
+      for (int64_t jj = j; jj < k; ++jj) s += xp[m * k + jj] * static_cast<float>(w[jj]);
+      float v = s * sp[n];
+      if (bp) v += bp[n];
+      yp[m * ldy + n] = v;
+    }
+  }
+}
+
+static void check_bias(const c10::optional<torch::Tensor>& bias, int64_t n, torch::Tensor& b, const float*& bp) {
+  bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    b = *bias;
+    TORCH_CHECK(b.numel() == n && b.scalar_type() == torch::kFloat && b.is_contiguous(), "bias: float32 (N,)");
+    bp = b.data_ptr<float>();
+  }
+}
+
+// x (M, K) float32, q (N, K) int8 codes, scale (N,) float32 -> (M, N) float32. Rows of x in blocks of <= 8.
+torch::Tensor int8_wo_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kChar && q.is_contiguous(), "q: contiguous int8 (N, K)");
+  const int64_t m = x.size(0), k = x.size(1), n = q.size(0);
+  TORCH_CHECK(q.size(1) == k, "q: (N, K) with K = x.size(1)");
+  TORCH_CHECK(scale.numel() == n && scale.scalar_type() == torch::kFloat && scale.is_contiguous(), "scale: (N,)");
+  torch::Tensor b;
+  const float* bp;
+  check_bias(bias, n, b, bp);
+  auto y = torch::empty({m, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n, 32, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < m;) {
+      const int64_t left = m - m0;
+      const float* xb = xp + m0 * k;
+      float* yb = yp + m0 * n;
+      if (left >= 8) { int8_wo_block<8, 1>(xb, k, qp, sp, bp, yb, n, n0, n1); m0 += 8; }
+      else if (left >= 4) { int8_wo_block<4, 2>(xb, k, qp, sp, bp, yb, n, n0, n1); m0 += 4; }
+      else if (left >= 2) { int8_wo_block<2, 4>(xb, k, qp, sp, bp, yb, n, n0, n1); m0 += 2; }
+      else { int8_wo_block<1, 4>(xb, k, qp, sp, bp, yb, n, n0, n1); m0 += 1; }
+    }
+  });
+  return y;
+}
+
+// Group-wise 4-bit codes u (two per byte, low nibble first), w = (u + off[n, g]) * s[n, g] with off = qmin - zero:
+// sum_k x_k w_k = sum_g s_g * (sum_{k in g} x_k u_k + off_g * sum_{k in g} x_k). xperm holds x with every 16-wide
+// chunk reordered to (even k, odd k) so the low and high nibbles of 8 bytes meet their activations without shuffles.
+// With LUT (NF4 and other 16-entry codebooks) the code u stands for lut[u] instead of u: two 8-wide permutes and a
+// blend look it up in registers.
+static inline __m256 lut16(__m256i idx, __m256 lut0, __m256 lut1, __m256i seven) {
+  const __m256 a = _mm256_permutevar8x32_ps(lut0, idx), b = _mm256_permutevar8x32_ps(lut1, idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven)));
+}
+
+template <int MB, bool LUT>
+static void int4_wo_block(const float* xperm, const float* xgsum, int64_t k, int64_t groups, int64_t gsz,
+                          const uint8_t* pp, int64_t kb, const float* sp, const float* op, const float* bp,
+                          const float* lut, float* yp, int64_t ldy, int64_t n0, int64_t n1) {
+  const __m256i nib = _mm256_set1_epi32(15), seven = _mm256_set1_epi32(7);
+  __m256 lut0 = _mm256_setzero_ps(), lut1 = _mm256_setzero_ps();
+  if (LUT) { lut0 = _mm256_loadu_ps(lut); lut1 = _mm256_loadu_ps(lut + 8); }
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = pp + n * kb;
+    __m256 tot[MB];
+    float ctot[MB];
+    for (int m = 0; m < MB; ++m) { tot[m] = _mm256_setzero_ps(); ctot[m] = 0.f; }
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 ga[MB][2];
+      for (int m = 0; m < MB; ++m) { ga[m][0] = _mm256_setzero_ps(); ga[m][1] = _mm256_setzero_ps(); }
+      const int64_t j0 = g * gsz;
+      for (int64_t j = j0; j < j0 + gsz; j += 16) {
+        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (j >> 1))));
+        const __m256i ilo = _mm256_and_si256(b, nib), ihi = _mm256_srli_epi32(b, 4);
+        const __m256 lo = LUT ? lut16(ilo, lut0, lut1, seven) : _mm256_cvtepi32_ps(ilo);
+        const __m256 hi = LUT ? lut16(ihi, lut0, lut1, seven) : _mm256_cvtepi32_ps(ihi);
+        for (int m = 0; m < MB; ++m) {
+          ga[m][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xperm + m * k + j), ga[m][0]);
+          ga[m][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xperm + m * k + j + 8), ga[m][1]);
+        }
+      }
+      const float s = sp[n * groups + g], so = s * op[n * groups + g];
+      const __m256 sv = _mm256_set1_ps(s);
+      for (int m = 0; m < MB; ++m) {
+        tot[m] = _mm256_fmadd_ps(sv, _mm256_add_ps(ga[m][0], ga[m][1]), tot[m]);
+        ctot[m] += so * xgsum[m * groups + g];
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      float v = hsum256(tot[m]) + ctot[m];
+      if (bp) v += bp[n];
+      yp[m * ldy + n] = v;
+    }
+  }
+}
+
+// x (M, K) float32; packed (N, K/2) uint8; scale, off (N, G) float32 -> (M, N) float32. K and K/G multiples of 16.
+torch::Tensor int4_wo_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor off,
+                           c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> lut) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kByte && packed.is_contiguous(), "packed: uint8");
+  const int64_t m = x.size(0), k = x.size(1), n = packed.size(0), kb = packed.size(1);
+  TORCH_CHECK(kb * 2 == k, "packed: (N, K/2)");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == n && scale.scalar_type() == torch::kFloat &&
+              scale.is_contiguous(), "scale: float32 (N, G)");
+  TORCH_CHECK(off.sizes() == scale.sizes() && off.scalar_type() == torch::kFloat && off.is_contiguous(),
+              "off: float32 (N, G)");
+  const int64_t groups = scale.size(1);
+  TORCH_CHECK(k % groups == 0 && (k / groups) % 16 == 0, "group size: a multiple of 16 dividing K");
+  const int64_t gsz = k / groups;
+  torch::Tensor b;
+  const float* bp;
+  check_bias(bias, n, b, bp);
+  const float* lp = nullptr;
+  if (lut.has_value() && lut->defined()) {
+    TORCH_CHECK(lut->numel() == 16 && lut->scalar_type() == torch::kFloat && lut->is_contiguous(), "lut: float32 (16,)");
+    lp = lut->data_ptr<float>();
+  }
+  // (even, odd) reorder of every 16-wide chunk, and per-group sums of x
+  auto xperm = torch::empty({m, k}, x.options());
+  auto xgsum = torch::empty({m, groups}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* xq = xperm.data_ptr<float>();
+  float* xs = xgsum.data_ptr<float>();
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < k; j += 16)
+      for (int t = 0; t < 8; ++t) {
+        xq[i * k + j + t] = xp[i * k + j + 2 * t];
+        xq[i * k + j + 8 + t] = xp[i * k + j + 2 * t + 1];
+      }
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.f;
+      for (int64_t j = g * gsz; j < (g + 1) * gsz; ++j) s += xp[i * k + j];
+      xs[i * groups + g] = s;
+    }
+  }
+  auto y = torch::empty({m, n}, x.options());
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* opp = off.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n, 32, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < m;) {
+      const int64_t left = m - m0;
+      const float* xb = xq + m0 * k;
+      const float* gb = xs + m0 * groups;
+      float* yb = yp + m0 * n;
+      const int mb = left >= 4 ? 4 : (left >= 2 ? 2 : 1);
+      if (lp) {
+        if (mb == 4) int4_wo_block<4, true>(xb, gb, k, groups, gsz, pp, kb, sp, opp, bp, lp, yb, n, n0, n1);
+        else if (mb == 2) int4_wo_block<2, true>(xb, gb, k, groups, gsz, pp, kb, sp, opp, bp, lp, yb, n, n0, n1);
+        else int4_wo_block<1, true>(xb, gb, k, groups, gsz, pp, kb, sp, opp, bp, lp, yb, n, n0, n1);
+      } else {
+        if (mb == 4) int4_wo_block<4, false>(xb, gb, k, groups, gsz, pp, kb, sp, opp, bp, lp, yb, n, n0, n1);
+        else if (mb == 2) int4_wo_block<2, false>(xb, gb, k, groups, gsz, pp, kb, sp, opp, bp, lp, yb, n, n0, n1);
+        else int4_wo_block<1, false>(xb, gb, k, groups, gsz, pp, kb, sp, opp, bp, lp, yb, n, n0, n1);
+      }
+      m0 += mb;
+    }
+  });
+  return y;
+}
 """
 #: Bump when the source changes (part of the build directory name).
-_VERSION = 3
+_VERSION = 5
 
 
 @functools.lru_cache(maxsize=1)
 def load() -> Any | None:
-    """The compiled module (``quantize_rows``, ``rescale``), or ``None`` when it cannot be built here."""
+    """The compiled module (the functions above), or ``None`` when it cannot be built here."""
     if os.environ.get("LMSHRINK_NO_CPP"):
         return None
     if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -183,7 +385,7 @@ def load() -> Any | None:
         return cpp_extension.load_inline(
             name=f"lmshrink_cpu_int8_v{_VERSION}",
             cpp_sources=[_SOURCE],
-            functions=["quantize_rows", "rescale", "dequant_int4_bf16"],
+            functions=["quantize_rows", "rescale", "dequant_int4_bf16", "int8_wo_gemv", "int4_wo_gemv"],
             # AVX2 + FMA: the baseline of every CPU the int8 kernels run on (fbgemm needs AVX2 too);
             # -ffp-contract=off (no FMA contraction) and no -ffast-math keep IEEE results identical to eager PyTorch.
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"],

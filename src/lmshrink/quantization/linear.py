@@ -242,6 +242,13 @@ class QuantLinear(nn.Module):
                 return "int8-weight-only-cpu-bf16"
             if self._int4_tinygemm_ok():
                 return "int4-weight-only-cpu-bf16"
+        if dev == "cpu" and self.act == "float" and cpu_kernels.avx2_gemv_available():
+            if _int8_per_channel(self.spec):
+                return "int8-weight-only-cpu-avx2"
+            if self._int4_avx2_ok():
+                return "int4-weight-only-cpu-avx2"
+            if self._nf4_avx2_ok():
+                return "nf4-weight-only-cpu-avx2"
         if dev == "cuda" and self.act == "int8" and self.threshold is None:
             return "cuda-int8-mm"
         if (
@@ -263,6 +270,27 @@ class QuantLinear(nn.Module):
             and self.spec.bits == 4
             and self.spec.group_size in _TINYGEMM_GROUPS
             and self.in_features % 2 == 0
+        )
+
+    def _int4_avx2_ok(self) -> bool:
+        k, g = self.in_features, self.spec.group_size
+        return (
+            self.spec.is_integer
+            and self.spec.bits == 4
+            and k % 16 == 0
+            and (g is None or g % 16 == 0)
+            and self.scale.dtype in (torch.float16, torch.float32)
+        )
+
+    def _nf4_avx2_ok(self) -> bool:
+        k, g = self.in_features, self.spec.group_size
+        scale = getattr(self, "c_scale", None)
+        return (
+            self.spec.format == "nf4"
+            and k % 16 == 0
+            and (g is None or (g > 0 and g % 16 == 0))
+            and scale is not None
+            and scale.numel() == self.out_features * (1 if g is None else k // g)
         )
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
@@ -308,6 +336,24 @@ class QuantLinear(nn.Module):
                 x, self.qweight, self.scale, zero, self.grid.qmin, int(self.spec.group_size or 0),
                 self._cache["int4cpu"], self.bias,
             )  # fmt: skip
+        if kernel == "int8-weight-only-cpu-avx2":
+            return cpu_kernels.int8_weight_only_avx2(x, self.qweight, self.scale, self.bias)
+        if kernel == "int4-weight-only-cpu-avx2":
+            if "int4avx2" not in self._cache:
+                s = self.scale.float().reshape(self.out_features, -1).contiguous()
+                z = self.zero.float() if not self.spec.symmetric else torch.zeros_like(s)
+                self._cache["int4avx2"] = (s, (self.grid.qmin - z).contiguous())
+            s, off = self._cache["int4avx2"]
+            return cpu_kernels.int4_weight_only_avx2(x, self.qweight, s, off, self.dequantize_weight, self.bias)
+        if kernel == "nf4-weight-only-cpu-avx2":
+            if "nf4avx2" not in self._cache:
+                from lmshrink.quantization.formats import NF4_CODEBOOK
+
+                s = self.c_scale.float().reshape(self.out_features, -1).contiguous()
+                codes = self.c_codes.reshape(self.out_features, self.in_features // 2)
+                self._cache["nf4avx2"] = (codes, s, torch.zeros_like(s), NF4_CODEBOOK.float().contiguous())
+            codes, s, off, lut = self._cache["nf4avx2"]
+            return cpu_kernels.int4_weight_only_avx2(x, codes, s, off, self.dequantize_weight, self.bias, lut)
         if kernel == "fbgemm-int8-dynamic-per-token+fp32-outliers":
             return self._forward_outliers(x)
         if kernel == "cuda-int8-mm":
