@@ -198,13 +198,13 @@ def torchao(kind: str):
 # --------------------------------------------------------------------------------------------- lmshrink
 
 
-def lmshrink(**config: object):
+def lmshrink(embeddings: bool = False, **config: object):
     def compress(model: nn.Module, ctx: Context) -> nn.Module:
         from lmshrink.quantization import QuantConfig, quantize_model
 
         cfg = QuantConfig(**config)  # type: ignore[arg-type]
         calib = ctx.calibration() if cfg.needs_calibration else None
-        return quantize_model(model, cfg, calibration=calib)
+        return quantize_model(model, cfg, calibration=calib, embeddings=embeddings)
 
     return compress
 
@@ -267,6 +267,16 @@ ROWS: list[Row] = [
         lmshrink(method="rtn", format="int8", activations="float"),
         save_lmshrink_or_flat,
         needs=LM,
+    ),
+    Row(
+        "lmshrink-int8-wo-head",
+        "lmshrink",
+        "RTN int8 per-channel, weight-only, LM head (tied embeddings) too",
+        "W8",
+        lmshrink(embeddings=True, method="rtn", format="int8", activations="float"),
+        save_lmshrink_or_flat,
+        needs=LM,
+        note="every other row keeps the LM head in fp32",
     ),
     Row(
         "lmshrink-smoothquant",
@@ -354,6 +364,16 @@ ROWS: list[Row] = [
         lmshrink(method="awq", format="int4", group_size=GROUP),
         save_lmshrink_or_flat,
         needs=LM,
+    ),
+    Row(
+        "lmshrink-int4-awq-head",
+        "lmshrink",
+        f"AWQ int4 g{GROUP}, LM head (tied embeddings) RTN int4 too",
+        "W4",
+        lmshrink(embeddings=True, method="awq", format="int4", group_size=GROUP),
+        save_lmshrink_or_flat,
+        needs=LM,
+        note="every other row keeps the LM head in fp32",
     ),
     Row(
         "lmshrink-int4-asym-rtn",

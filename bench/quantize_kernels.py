@@ -5,13 +5,16 @@ Parts (run any subset; each prints a table and writes bench/results/quantize_<pa
   kernels  per-linear latency at SmolLM2-135M shapes (576x576, 576x1536, 1536x576), M=1 (decode) and M=1024
            (prefill): fp32 F.linear vs lmshrink's per-token int8 (fbgemm) vs fbgemm per-tensor (quantize_dynamic's
            op) vs torch._int_mm / _weight_int8pack_mm / int4 dequantize-on-the-fly; plus relative error.
+  gemv     weight-only int8 / int4 g64 / NF4 g64 layers with float32 activations vs fp32 F.linear at M = 1..16 rows
+           (decode), SmolLM2-135M shapes plus its 49152x576 LM head; "hot": one layer called repeatedly (its weight
+           stays in cache), "cold": 30 distinct layers called in turn, as in a decode step (weights come from DRAM).
   speed    whole-model smollm2-135m: batch-1 decode per-token latency and 8x128 prefill, fp32 vs int8 W8A8
            (RTN per-channel, per-token activations) vs SmoothQuant W8A8, interleaved repeats in one run.
   ppl      WikiText-2 test perplexity (GPTQ protocol, ctx 2048, first --max-tokens tokens) for fp32, int8 RTN,
            SmoothQuant, LLM.int8(), torch quantize_dynamic, int4 g64 RTN / GPTQ / AWQ.
 
 Usage:
-  .venv/bin/python bench/quantize_kernels.py kernels speed ppl [--max-tokens 16384] [--repeats 5]
+  .venv/bin/python bench/quantize_kernels.py kernels gemv speed ppl [--max-tokens 16384] [--repeats 5]
 
 The CPU is shared during development: speeds are medians over interleaved repeats and a ratio against fp32
 measured in the same run; rerun on a quiet machine for publication.
@@ -115,6 +118,39 @@ def bench_kernels(repeats: int) -> dict[str, Any]:
         "amx_int8": cpu_kernels.amx_int8_available(),
         "lmshrink_kernel": q8.kernel_name,
     }
+
+
+def bench_gemv(repeats: int) -> dict[str, Any]:
+    """Weight-only layers (whatever kernel ``QuantLinear`` picks here) vs fp32 at few rows, hot and cold cache."""
+    torch.manual_seed(0)
+    rows = []
+    specs = {"int8": WeightSpec.parse("int8"), "int4 g64": WeightSpec.parse("int4", 64),
+             "nf4 g64": WeightSpec.parse("nf4", 64)}  # fmt: skip
+    for k, n in (*SHAPES, (576, 49152)):
+        copies = 1 if n > 4096 else 30  # the LM head alone is 113 MB in fp32: never in cache
+        ws = [torch.randn(n, k) * 0.05 for _ in range(copies)]
+        qs = {name: [QuantLinear.from_weight(w, None, spec) for w in ws] for name, spec in specs.items()}
+        for m in (1, 2, 4, 8, 16):
+            x = torch.randn(m, k)
+            fns: dict[str, list[Callable[[], Any]]] = {"fp32 F.linear": [lambda x=x, w=w: F.linear(x, w) for w in ws]}
+            for name, layers in qs.items():
+                fns[name] = [lambda x=x, q=q: q(x) for q in layers]
+            hot: dict[str, list[float]] = {name: [] for name in fns}
+            cold: dict[str, list[float]] = {name: [] for name in fns}
+            for _ in range(repeats):
+                for name, fl in fns.items():
+                    hot[name].append(_time(fl[0], 20))
+                    cold[name].append(_time(lambda fl=fl: [f() for f in fl], 5) / len(fl))
+            h0, c0 = statistics.median(hot["fp32 F.linear"]), statistics.median(cold["fp32 F.linear"])
+            for name in fns:
+                h, c = statistics.median(hot[name]), statistics.median(cold[name])
+                kern = "fp32" if name not in qs else qs[name][0].kernel_name
+                rows.append({"K": k, "N": n, "M": m, "variant": name, "kernel": kern, "hot_us": h * 1e6,
+                             "hot_speedup": h0 / h, "cold_us": c * 1e6, "cold_speedup": c0 / c})  # fmt: skip
+                print(f"K={k:4d} N={n:5d} M={m:2d} {name:14s} {kern:28s} hot {h * 1e6:8.1f} us x{h0 / h:5.2f}"
+                      f"  cold {c * 1e6:8.1f} us x{c0 / c:5.2f}", flush=True)  # fmt: skip
+    return {"rows": rows, "max_rows": {"int8": cpu_kernels.AVX2_INT8_GEMV_MAX_ROWS,
+                                       "int4": cpu_kernels.AVX2_INT4_GEMV_MAX_ROWS}}  # fmt: skip
 
 
 def _load(dtype: str = "float32") -> tuple[Any, Any]:
@@ -247,7 +283,7 @@ def bench_ppl(max_tokens: int, n_calib: int, calib_len: int, only: list[str] | N
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("parts", nargs="+", choices=("kernels", "speed", "ppl"))
+    ap.add_argument("parts", nargs="+", choices=("kernels", "gemv", "speed", "ppl"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--n-calib", type=int, default=32)
@@ -263,6 +299,8 @@ def main() -> None:
         t0 = time.perf_counter()
         if part == "kernels":
             res = bench_kernels(args.repeats)
+        elif part == "gemv":
+            res = bench_gemv(args.repeats)
         elif part == "speed":
             res = bench_speed(args.repeats)
         else:

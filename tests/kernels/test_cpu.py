@@ -214,3 +214,24 @@ def test_int4_gemv_rejects_bad_layouts() -> None:
         ext.int4_wo_gemv(torch.randn(1, 32), packed, torch.ones(4, 2), torch.zeros(4, 2), None, None)
     with pytest.raises(RuntimeError, match="lut"):
         ext.int4_wo_gemv(x, packed, torch.ones(4, 2), torch.zeros(4, 2), None, torch.zeros(8))
+
+
+@needs_avx2_gemv
+@pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 64), ("int4-asym", 32), ("nf4", 64)])
+def test_one_pass_dequant_is_bit_identical_to_dequantize_weight(fmt: str, group: int | None) -> None:
+    from lmshrink.quantization.config import WeightSpec
+    from lmshrink.quantization.formats import NF4_CODEBOOK
+    from lmshrink.quantization.linear import QuantLinear
+
+    torch.manual_seed(0)
+    q = QuantLinear.from_weight(torch.randn(24, 128), None, WeightSpec.parse(fmt, group_size=group))
+    if fmt == "int8":
+        w = ext.dequant_int8_f32(q.qweight, q.scale)
+    elif fmt == "nf4":
+        s = q.c_scale.float().reshape(24, -1).contiguous()
+        w = ext.dequant_4bit_f32(q.c_codes.reshape(24, 64), s, torch.zeros_like(s), NF4_CODEBOOK.float())
+    else:
+        s = q.scale.float().contiguous()
+        z = q.zero.float() if fmt.endswith("asym") else torch.zeros_like(s)
+        w = ext.dequant_4bit_f32(q.qweight, s, (q.grid.qmin - z).contiguous(), None)
+    assert torch.equal(w, q.dequantize_weight())

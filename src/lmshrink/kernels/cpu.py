@@ -21,7 +21,8 @@ What runs where (measured with ``bench/quantize_speed.py`` and ``bench/quantize_
   (activations stay float32); on smollm2-135m shapes at one row they are 1.4-1.9x (int8) and 1.1-1.3x (int4 g64)
   faster than fp32 ``F.linear`` when the weight sits in cache, 5.5x / 4.9x on the 49152 x 576 LM head, which does
   not (``bench/quantize_kernels.py gemv``); NF4 runs through the same 4-bit kernel with the codebook looked up in
-  registers. Many rows (prefill) dequantize to float32 and run ``F.linear``.
+  registers. Many rows (prefill) decode the weight to float32 in one C++ pass and run ``F.linear`` (no faster than
+  fp32: prefill is compute-bound and these layers multiply in float32).
   Elsewhere, and for formats without a kernel (NF4, int3, ...), layers dequantize on the fly and claim no speed.
 
 >>> import torch
@@ -298,7 +299,8 @@ def int8_weight_only_avx2(
     ext = cpu_ext.load()
     if x.shape[0] <= AVX2_INT8_GEMV_MAX_ROWS and ext is not None:
         return ext.int8_wo_gemv(x.contiguous(), qweight, scale, bias)
-    return torch.nn.functional.linear(x, qweight.float().mul_(scale.reshape(-1, 1)), bias)
+    w = ext.dequant_int8_f32(qweight, scale) if ext is not None else qweight.float().mul_(scale.reshape(-1, 1))
+    return torch.nn.functional.linear(x, w, bias)
 
 
 def int4_weight_only_avx2(
@@ -317,4 +319,5 @@ def int4_weight_only_avx2(
     ext = cpu_ext.load()
     if x.shape[0] <= AVX2_INT4_GEMV_MAX_ROWS and ext is not None:
         return ext.int4_wo_gemv(x.contiguous(), qweight, scale_f32, offset, bias, lut)
-    return torch.nn.functional.linear(x, dequantize(), bias)
+    w = ext.dequant_4bit_f32(qweight, scale_f32, offset, lut) if ext is not None else dequantize()
+    return torch.nn.functional.linear(x, w, bias)

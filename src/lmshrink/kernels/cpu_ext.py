@@ -11,7 +11,9 @@ work around an int8 GEMM on CPU, which eager PyTorch does in 5-8 separate passes
 * ``int8_wo_gemv(x, q, scale, bias)`` / ``int4_wo_gemv(x, packed, scale, off, bias, lut)``: weight-only linear
   layers for few rows (decode) with float32 activations on AVX2 + FMA: the int8 / 4-bit codes are read once, widened
   to float32 in registers (4-bit codes through a 16-entry codebook ``lut`` for NF4) and multiplied with FMA, so a
-  decode step reads 1/4 (int8) or ~1/7 (4-bit g64) of the fp32 weight bytes.
+  decode step reads 1/4 (int8) or ~1/7 (4-bit g64) of the fp32 weight bytes;
+* ``dequant_4bit_f32`` / ``dequant_int8_f32``: the float32 weight in one pass for the many-rows (prefill) path of
+  the same layers, bit-identical to ``QuantLinear.dequantize_weight``.
   Summation order differs from ``F.linear`` on the dequantized weight (float32 rounding, ~1e-6 relative).
 
 Rows are split over torch's intra-op threads (``at::parallel_for``). The extension needs a C++ compiler and ninja;
@@ -365,9 +367,66 @@ torch::Tensor int4_wo_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor 
   });
   return y;
 }
+
+// Float32 weights from packed codes in one pass (the many-rows path of the weight-only layers): bit-identical to
+// QuantLinear.dequantize_weight ((u + off) * s, or (lut[u] + off) * s; int8: q * s).
+torch::Tensor dequant_4bit_f32(torch::Tensor packed, torch::Tensor scale, torch::Tensor off,
+                               c10::optional<torch::Tensor> lut) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kByte && packed.is_contiguous(), "packed: uint8");
+  const int64_t n = packed.size(0), kb = packed.size(1), k = 2 * kb;
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == n && scale.scalar_type() == torch::kFloat &&
+              scale.is_contiguous() && k % scale.size(1) == 0 && (k / scale.size(1)) % 2 == 0,
+              "scale: float32 (N, G), even groups");
+  TORCH_CHECK(off.sizes() == scale.sizes() && off.scalar_type() == torch::kFloat && off.is_contiguous(), "off");
+  float table[16];
+  for (int i = 0; i < 16; ++i) table[i] = static_cast<float>(i);
+  if (lut.has_value() && lut->defined()) {
+    TORCH_CHECK(lut->numel() == 16 && lut->scalar_type() == torch::kFloat && lut->is_contiguous(), "lut: float32 (16,)");
+    std::memcpy(table, lut->data_ptr<float>(), sizeof(table));
+  }
+  const int64_t groups = scale.size(1), gsz = k / groups;
+  auto out = torch::empty({n, k}, scale.options());
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* opp = off.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint8_t* row = pp + r * kb;
+      float* orow = o + r * k;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float sc = sp[r * groups + g], of = opp[r * groups + g];
+        for (int64_t j = g * gsz / 2; j < (g + 1) * gsz / 2; ++j) {
+          const uint8_t b = row[j];
+          orow[2 * j] = (table[b & 15] + of) * sc;
+          orow[2 * j + 1] = (table[b >> 4] + of) * sc;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+torch::Tensor dequant_int8_f32(torch::Tensor q, torch::Tensor scale) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kChar && q.is_contiguous(), "q: contiguous int8 (N, K)");
+  const int64_t n = q.size(0), k = q.size(1);
+  TORCH_CHECK(scale.numel() == n && scale.scalar_type() == torch::kFloat && scale.is_contiguous(), "scale: (N,)");
+  auto out = torch::empty({n, k}, scale.options());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float sc = sp[r];
+#pragma omp simd
+      for (int64_t j = 0; j < k; ++j) o[r * k + j] = static_cast<float>(qp[r * k + j]) * sc;
+    }
+  });
+  return out;
+}
 """
 #: Bump when the source changes (part of the build directory name).
-_VERSION = 5
+_VERSION = 6
 
 
 @functools.lru_cache(maxsize=1)
@@ -385,7 +444,8 @@ def load() -> Any | None:
         return cpp_extension.load_inline(
             name=f"lmshrink_cpu_int8_v{_VERSION}",
             cpp_sources=[_SOURCE],
-            functions=["quantize_rows", "rescale", "dequant_int4_bf16", "int8_wo_gemv", "int4_wo_gemv"],
+            functions=["quantize_rows", "rescale", "dequant_int4_bf16", "int8_wo_gemv", "int4_wo_gemv",
+                       "dequant_4bit_f32", "dequant_int8_f32"],
             # AVX2 + FMA: the baseline of every CPU the int8 kernels run on (fbgemm needs AVX2 too);
             # -ffp-contract=off (no FMA contraction) and no -ffast-math keep IEEE results identical to eager PyTorch.
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"],
