@@ -63,6 +63,7 @@ def merge_speed(docs: list[dict[str, Any]]) -> dict[str, Any]:
     out["rows"] = [first["rows"][0], *rows.values()]
     if len(docs) > 1:
         out["command"] = " ; ".join(d["command"] for d in docs)
+        out["provenance"]["date"] = " + ".join(dict.fromkeys(d["provenance"].get("date", "") for d in docs))
     return out
 
 

@@ -149,6 +149,17 @@ def setup(settings: Settings) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def write_record(path: str | Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Stamp a result record with the load average and provenance (CPU, float32) and write it atomically."""
+    from lmshrink.utils.env import provenance
+    from lmshrink.utils.io import atomic_write_json
+
+    record["load_average"] = os.getloadavg()
+    record["provenance"] = provenance("cpu", torch.float32)
+    atomic_write_json(path, record)
+    return record
+
+
 def versions() -> dict[str, str]:
     """Installed versions of lmshrink, torch and every peer."""
     out: dict[str, str] = {}
@@ -283,6 +294,9 @@ class Row:
     needs: tuple[str, ...] = ()  # importable modules; a missing one makes the row "unavailable"
     note: str = ""
     unavailable: str | None = None  # a known reason it cannot run here
+    # the row also changes what the bits/w column treats as the fp32 remainder (embeddings, LM head, a bf16 cast):
+    # its bits/w is left blank and its size on disk tells the story
+    changes_remainder: bool = False
 
 
 def missing_modules(names: Iterable[str]) -> list[str]:
@@ -526,6 +540,7 @@ def run_row(row: Row, ctx: Context) -> dict[str, Any]:
         "method": row.method,
         "bits": row.bits,
         "note": row.note,
+        "changes_remainder": row.changes_remainder,
     }
     missing = missing_modules(row.needs)
     if row.unavailable or missing:
@@ -686,7 +701,7 @@ def markdown(doc: dict[str, Any]) -> str:
             continue
         sp = r.get("speed") or {}
         bpw = None
-        if r.get("stored_bytes"):
+        if r.get("stored_bytes") and not r.get("changes_remainder"):
             # bits per weight of the compressed linears: everything else is the fp32 model's unchanged remainder
             rest = doc["rows"][0]["stored_bytes"] - 4 * n_sel
             bpw = 8 * (r["stored_bytes"] - rest) / n_sel
@@ -713,7 +728,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += [
         "",
         "ppl: perplexity; KL: mean KL(fp32 || tool) nats/token; top-1: agreement with fp32; size: bytes on disk; "
-        "bits/w: stored bits per weight of the compressed linear layers (scales, zeros, outliers included; the fp32 "
+        "bits/w: stored bits per weight of the compressed linear layers (scales, zeros, outliers included; blank for "
+        "rows that also change the embeddings, LM head or the dtype of the rest; the fp32 "
         "embeddings and LM head excluded, they are the same in every row); decode x / prefill x: "
         "fp32 time / tool time; peak MB: peak RSS above baseline during the speed run (weights excluded).",
         "",

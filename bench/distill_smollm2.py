@@ -41,8 +41,10 @@ from lmshrink.distillation.trainer import TrainConfig, train_lm
 from lmshrink.evaluation import evaluate_perplexity
 from lmshrink.models import load_model
 from lmshrink.models.arch import count_parameters
-from lmshrink.utils.env import provenance
-from lmshrink.utils.io import atomic_write_json, atomic_write_text
+from lmshrink.utils.io import atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_record
 
 log = logging.getLogger("bench.smollm2")
 
@@ -177,10 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "training_tokens_per_s_cpu": {k: v["tokens_per_s"] for k, v in runs.items()},
         "times_s": times,
-        "load_average": os.getloadavg(),
-        "provenance": provenance("cpu", torch.float32),
     }
-    atomic_write_json(args.out, record)
+    write_record(args.out, record)
     lines = [
         f"# smollm2-135m -> {len(layer_ids)}-layer student (`{record['command']}`)",
         "",

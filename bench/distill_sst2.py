@@ -50,8 +50,10 @@ from lmshrink.distillation.trainer import distill_model
 from lmshrink.evaluation import evaluate_accuracy
 from lmshrink.models import load_model
 from lmshrink.models.arch import count_parameters
-from lmshrink.utils.env import provenance
-from lmshrink.utils.io import atomic_write_json, atomic_write_text
+from lmshrink.utils.io import atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_record
 
 log = logging.getLogger("bench.sst2")
 
@@ -374,10 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             "hf_trainer": hf_info,
             "training_tokens_per_s_cpu": throughput,
             "times_s": times,
-            "load_average": os.getloadavg(),
-            "provenance": provenance("cpu", torch.float32),
         }
-        atomic_write_json(args.out, record)
+        write_record(args.out, record)
         lines = [
             f"# SST-2 distillation (`{record['command']}`)",
             "",

@@ -277,6 +277,7 @@ ROWS: list[Row] = [
         save_lmshrink_or_flat,
         needs=LM,
         note="every other row keeps the LM head in fp32",
+        changes_remainder=True,
     ),
     Row(
         "lmshrink-smoothquant",
@@ -328,6 +329,7 @@ ROWS: list[Row] = [
         needs=("torchao",),
         note="torchao's CPU int4 kernel (_weight_int4pack_mm_for_cpu) is 10-100x slower than fp32 with float32 "
         "activations, so the model is cast to bf16 first, as torchao's CPU recipe does; non-linear ops run in bf16",
+        changes_remainder=True,
     ),
     Row(
         "torchao-intx4",
@@ -374,6 +376,7 @@ ROWS: list[Row] = [
         save_lmshrink_or_flat,
         needs=LM,
         note="every other row keeps the LM head in fp32",
+        changes_remainder=True,
     ),
     Row(
         "lmshrink-int4-asym-rtn",

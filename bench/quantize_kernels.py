@@ -132,7 +132,9 @@ def bench_gemv(repeats: int) -> dict[str, Any]:
         qs = {name: [QuantLinear.from_weight(w, None, spec) for w in ws] for name, spec in specs.items()}
         for m in (1, 2, 4, 8, 16):
             x = torch.randn(m, k)
-            fns: dict[str, list[Callable[[], Any]]] = {"fp32 F.linear": [lambda x=x, w=w: F.linear(x, w) for w in ws]}
+            fns: dict[str, list[Callable[[], Any]]] = {
+                "fp32 F.linear": [lambda x=x, w=w: F.linear(x, w) for w in ws]
+            }
             for name, layers in qs.items():
                 fns[name] = [lambda x=x, q=q: q(x) for q in layers]
             hot: dict[str, list[float]] = {name: [] for name in fns}

@@ -128,7 +128,9 @@ def variants(
             QuantConfig(format="int8", activations="float"), embeddings=True
         ),
         "int4 g64 weight-only RTN": q(QuantConfig(format="int4", group_size=64)),
-        "int4 g64 weight-only RTN + embeddings/LM head": q(QuantConfig(format="int4", group_size=64), embeddings=True),
+        "int4 g64 weight-only RTN + embeddings/LM head": q(
+            QuantConfig(format="int4", group_size=64), embeddings=True
+        ),
         "int4-asym g64 weight-only RTN": q(QuantConfig(format="int4-asym", group_size=64)),
         "nf4 g64 weight-only": q(QuantConfig(format="nf4", group_size=64)),
     }

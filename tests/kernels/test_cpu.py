@@ -165,7 +165,9 @@ _GEMV_CASES = [
 @needs_avx2_gemv
 @pytest.mark.parametrize("fmt,group,kernel", _GEMV_CASES)
 @pytest.mark.parametrize("m", [1, 3, 8, 17])
-def test_avx2_weight_only_gemv_matches_decoded_weight(fmt: str, group: int | None, kernel: str, m: int) -> None:
+def test_avx2_weight_only_gemv_matches_decoded_weight(
+    fmt: str, group: int | None, kernel: str, m: int
+) -> None:
     from lmshrink.quantization.config import WeightSpec
     from lmshrink.quantization.linear import QuantLinear
 
@@ -235,3 +237,22 @@ def test_one_pass_dequant_is_bit_identical_to_dequantize_weight(fmt: str, group:
         z = q.zero.float() if fmt.endswith("asym") else torch.zeros_like(s)
         w = ext.dequant_4bit_f32(q.qweight, s, (q.grid.qmin - z).contiguous(), None)
     assert torch.equal(w, q.dequantize_weight())
+
+
+@needs_avx2_gemv
+@pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 64), ("nf4", 64)])
+def test_deep_copy_of_a_used_layer_runs_on_its_own_tensors(fmt: str, group: int | None) -> None:
+    import copy
+
+    from lmshrink.quantization.config import WeightSpec
+    from lmshrink.quantization.linear import QuantLinear
+
+    torch.manual_seed(0)
+    q = QuantLinear.from_weight(torch.randn(32, 64), None, WeightSpec.parse(fmt, group_size=group))
+    x = torch.randn(1, 64)
+    before = q(x)  # builds the kernel caches (closures over q's buffers)
+    other = copy.deepcopy(q)
+    other.load_state_dict(QuantLinear.from_weight(torch.randn(32, 64), None, q.spec).state_dict())
+    assert torch.equal(q(x), before)  # the original is untouched
+    assert torch.allclose(other(x), x @ other.dequantize_weight().t(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(other(x), before)

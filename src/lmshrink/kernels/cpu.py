@@ -299,7 +299,11 @@ def int8_weight_only_avx2(
     ext = cpu_ext.load()
     if x.shape[0] <= AVX2_INT8_GEMV_MAX_ROWS and ext is not None:
         return ext.int8_wo_gemv(x.contiguous(), qweight, scale, bias)
-    w = ext.dequant_int8_f32(qweight, scale) if ext is not None else qweight.float().mul_(scale.reshape(-1, 1))
+    w = (
+        ext.dequant_int8_f32(qweight, scale)
+        if ext is not None
+        else qweight.float().mul_(scale.reshape(-1, 1))
+    )
     return torch.nn.functional.linear(x, w, bias)
 
 

@@ -444,8 +444,15 @@ def load() -> Any | None:
         return cpp_extension.load_inline(
             name=f"lmshrink_cpu_int8_v{_VERSION}",
             cpp_sources=[_SOURCE],
-            functions=["quantize_rows", "rescale", "dequant_int4_bf16", "int8_wo_gemv", "int4_wo_gemv",
-                       "dequant_4bit_f32", "dequant_int8_f32"],
+            functions=[
+                "quantize_rows",
+                "rescale",
+                "dequant_int4_bf16",
+                "int8_wo_gemv",
+                "int4_wo_gemv",
+                "dequant_4bit_f32",
+                "dequant_int8_f32",
+            ],
             # AVX2 + FMA: the baseline of every CPU the int8 kernels run on (fbgemm needs AVX2 too);
             # -ffp-contract=off (no FMA contraction) and no -ffast-math keep IEEE results identical to eager PyTorch.
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"],

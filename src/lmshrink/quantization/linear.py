@@ -21,6 +21,7 @@ Storage (all buffers, saved as they are):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -342,15 +343,19 @@ class QuantLinear(nn.Module):
             if "int4avx2" not in self._cache:
                 s = self.scale.float().reshape(self.out_features, -1).contiguous()
                 z = self.zero.float() if not self.spec.symmetric else torch.zeros_like(s)
-                self._cache["int4avx2"] = (s, (self.grid.qmin - z).contiguous())
-            s, off = self._cache["int4avx2"]
-            return cpu_kernels.int4_weight_only_avx2(x, self.qweight, s, off, self.dequantize_weight, self.bias)
+                self._cache["int4avx2"] = (self.qweight, s, (self.grid.qmin - z).contiguous(), None)
+            _, s, off, _ = self._cache["int4avx2"]
+            return cpu_kernels.int4_weight_only_avx2(
+                x, self.qweight, s, off, self.dequantize_weight, self.bias
+            )
         if kernel == "nf4-weight-only-cpu-avx2":
             if "nf4avx2" not in self._cache:
                 from lmshrink.quantization.formats import NF4_CODEBOOK
 
-                s = self.c_scale.float().reshape(self.out_features, -1).contiguous()
-                codes = self.c_codes.reshape(self.out_features, self.in_features // 2)
+                scale_buf: torch.Tensor = self._buffers["c_scale"]  # type: ignore[assignment]
+                codes_buf: torch.Tensor = self._buffers["c_codes"]  # type: ignore[assignment]
+                s = scale_buf.float().reshape(self.out_features, -1).contiguous()
+                codes = codes_buf.reshape(self.out_features, self.in_features // 2)
                 self._cache["nf4avx2"] = (codes, s, torch.zeros_like(s), NF4_CODEBOOK.float().contiguous())
             codes, s, off, lut = self._cache["nf4avx2"]
             return cpu_kernels.int4_weight_only_avx2(x, codes, s, off, self.dequantize_weight, self.bias, lut)
@@ -392,16 +397,55 @@ class QuantLinear(nn.Module):
         w_out = self.qweight[:, cols].float() * self.scale.reshape(-1, 1)
         return y.addmm_(x_out, w_out.t())
 
+    def _decode_step_fn(self, kernel: str) -> Any:
+        """The 2-D forward for ``kernel``. For the AVX2 weight-only kernels a closure that calls the C++ GEMV
+        directly for few rows: a decode step runs ~200 of these layers on one row, where Python dispatch (tens of
+        microseconds per layer) is a sizeable part of the step; everything else goes through :meth:`_forward_2d`."""
+        ext = cpu_kernels.cpu_ext.load()
+        if kernel == "int8-weight-only-cpu-avx2" and ext is not None:
+            gemv, q, sc, b = ext.int8_wo_gemv, self.qweight, self.scale, self.bias
+            rows = cpu_kernels.AVX2_INT8_GEMV_MAX_ROWS
+
+            def int8_fn(x: torch.Tensor) -> torch.Tensor:
+                if x.shape[0] <= rows:
+                    return gemv(x if x.is_contiguous() else x.contiguous(), q, sc, b)
+                return cpu_kernels.int8_weight_only_avx2(x, q, sc, b)
+
+            return int8_fn
+        if kernel in ("int4-weight-only-cpu-avx2", "nf4-weight-only-cpu-avx2") and ext is not None:
+            slow = functools.partial(self._forward_2d, kernel=kernel)
+            slow(torch.zeros(1, self.in_features))  # builds the float32 scales / offsets / codebook once
+            codes, s4, off, lut = self._cache["nf4avx2" if kernel.startswith("nf4") else "int4avx2"]
+            gemv4, b4, rows4 = ext.int4_wo_gemv, self.bias, cpu_kernels.AVX2_INT4_GEMV_MAX_ROWS
+
+            def int4_fn(x: torch.Tensor) -> torch.Tensor:
+                if x.shape[0] <= rows4:
+                    return gemv4(x if x.is_contiguous() else x.contiguous(), codes, s4, off, b4, lut)
+                return slow(x)
+
+            return int4_fn
+        return functools.partial(self._forward_2d, kernel=kernel)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = self._cache.get("fn")
+        if fn is None:  # decided once per device (the cache is cleared on .to() and on loading weights)
+            kernel = self._cache["kernel"] = self.kernel_name
+            fn = self._cache["fn"] = self._decode_step_fn(kernel)
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float()
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
         if self.input_scale is not None:
             x2 = x2 * self.input_scale
-        kernel = self._cache.get("kernel")
-        if kernel is None:  # decided once per device (the cache is cleared on .to())
-            kernel = self._cache["kernel"] = self.kernel_name
-        y = self._forward_2d(x2, kernel)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        y = fn(x2).reshape(*shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # kernel caches (prepacked weights, closures over this layer's tensors) are rebuilt, never copied: a deep
+        # copy or a pickle must not call into the original layer's buffers
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        return state
 
     def storage_bits(self) -> int:
         """Bits the stored weight takes in theory: codes at ``bits`` per weight plus scales/zeros (no bias)."""
