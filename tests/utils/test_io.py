@@ -55,3 +55,34 @@ def test_unwritable_parent_is_a_clear_error(tmp_path):
         ro.mkdir(mode=0o500)
         with pytest.raises(LmshrinkError, match="no write permission"):
             atomic_write_text(ro / "out.txt", "x")
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
+    import stat
+
+    from lmshrink.utils.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        new = tmp_path / "new.txt"
+        atomic_write_text(new, "x")
+        assert stat.S_IMODE(new.stat().st_mode) == 0o644  # not mkstemp's 0600
+        kept = tmp_path / "kept.txt"
+        kept.write_text("a")
+        kept.chmod(0o640)
+        atomic_write_text(kept, "b")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text() == "b"
+    finally:
+        os.umask(old)
+
+
+def test_atomic_directory_gets_the_mode_of_a_plain_mkdir(tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out") as d:
+            (d / "f").write_text("x")
+        assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    finally:
+        os.umask(old)

@@ -38,6 +38,12 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed over ``path``, on error removed.
@@ -54,6 +60,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp creates 0600; give the file the mode a plain open() would (an existing file keeps its own)
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, final.stat().st_mode & 0o7777 if final.exists() else 0o666 & ~_umask())
         os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException:
@@ -168,6 +177,8 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = True) -> It
             if f.is_file():
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
+        with contextlib.suppress(OSError):  # mkdtemp creates 0700; give it the mode a plain mkdir would
+            os.chmod(tmp, 0o777 & ~_umask())
         if final.exists():
             if exchange_paths(tmp, final):
                 # one atomic step: the final name now holds the new version and tmp the previous one
