@@ -151,7 +151,7 @@ def bench_gemv(repeats: int) -> dict[str, Any]:
                              "hot_speedup": h0 / h, "cold_us": c * 1e6, "cold_speedup": c0 / c})  # fmt: skip
                 print(f"K={k:4d} N={n:5d} M={m:2d} {name:14s} {kern:28s} hot {h * 1e6:8.1f} us x{h0 / h:5.2f}"
                       f"  cold {c * 1e6:8.1f} us x{c0 / c:5.2f}", flush=True)  # fmt: skip
-    return {"rows": rows, "max_rows": {"int8": cpu_kernels.AVX2_INT8_GEMV_MAX_ROWS,
+    return {"rows": rows, "max_rows": {"int8": cpu_kernels.AVX2_INT8_GEMV_MAX_ROWS, "nf4": cpu_kernels.AVX2_NF4_GEMV_MAX_ROWS,
                                        "int4": cpu_kernels.AVX2_INT4_GEMV_MAX_ROWS}}  # fmt: skip
 
 

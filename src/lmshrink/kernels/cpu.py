@@ -277,6 +277,8 @@ def int4_weight_only_bf16(
 #: gemv``, AMD EPYC AVX2, 2 threads): int8 stays ahead to 16 rows, int4 g64 to 8; above, the weight is dequantized.
 AVX2_INT8_GEMV_MAX_ROWS = 16
 AVX2_INT4_GEMV_MAX_ROWS = 8
+#: NF4's codebook lookup costs more per code: the GEMV stays ahead of dequantize + ``F.linear`` to 4 rows.
+AVX2_NF4_GEMV_MAX_ROWS = 4
 
 
 @functools.lru_cache(maxsize=1)
@@ -319,9 +321,11 @@ def int4_weight_only_avx2(
     """Group-wise 4-bit weight-only linear in float32: ``w = (u + offset) * scale`` per (row, group), with bit-packed
     unsigned codes ``u`` (N, K/2), ``scale_f32`` and ``offset`` (= qmin - zero) float32 (N, G); with ``lut`` (16
     float32, e.g. the NF4 codebook) ``w = (lut[u] + offset) * scale``. The AVX2 GEMV for up to
-    :data:`AVX2_INT4_GEMV_MAX_ROWS` rows, else ``F.linear`` on ``dequantize()`` (the float32 weight)."""
+    :data:`AVX2_INT4_GEMV_MAX_ROWS` rows (:data:`AVX2_NF4_GEMV_MAX_ROWS` with ``lut``), else ``F.linear`` on the
+    float32 weight (one C++ pass; ``dequantize()`` when the extension is missing)."""
     ext = cpu_ext.load()
-    if x.shape[0] <= AVX2_INT4_GEMV_MAX_ROWS and ext is not None:
+    max_rows = AVX2_INT4_GEMV_MAX_ROWS if lut is None else AVX2_NF4_GEMV_MAX_ROWS
+    if x.shape[0] <= max_rows and ext is not None:
         return ext.int4_wo_gemv(x.contiguous(), qweight, scale_f32, offset, bias, lut)
     w = ext.dequant_4bit_f32(qweight, scale_f32, offset, lut) if ext is not None else dequantize()
     return torch.nn.functional.linear(x, w, bias)

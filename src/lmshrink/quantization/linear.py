@@ -416,7 +416,8 @@ class QuantLinear(nn.Module):
             slow = functools.partial(self._forward_2d, kernel=kernel)
             slow(torch.zeros(1, self.in_features))  # builds the float32 scales / offsets / codebook once
             codes, s4, off, lut = self._cache["nf4avx2" if kernel.startswith("nf4") else "int4avx2"]
-            gemv4, b4, rows4 = ext.int4_wo_gemv, self.bias, cpu_kernels.AVX2_INT4_GEMV_MAX_ROWS
+            gemv4, b4 = ext.int4_wo_gemv, self.bias
+            rows4 = cpu_kernels.AVX2_INT4_GEMV_MAX_ROWS if lut is None else cpu_kernels.AVX2_NF4_GEMV_MAX_ROWS
 
             def int4_fn(x: torch.Tensor) -> torch.Tensor:
                 if x.shape[0] <= rows4:
