@@ -388,6 +388,15 @@ ROWS: list[Row] = [
         needs=LM,
     ),
     Row(
+        "lmshrink-int4-asym-awq",
+        "lmshrink",
+        f"AWQ int4-asym g{GROUP}",
+        "W4",
+        lmshrink(method="awq", format="int4-asym", group_size=GROUP),
+        save_lmshrink_or_flat,
+        needs=LM,
+    ),
+    Row(
         "lmshrink-nf4",
         "lmshrink",
         f"RTN NF4 g{GROUP}",
