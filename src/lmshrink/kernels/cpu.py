@@ -16,12 +16,13 @@ What runs where (measured with ``bench/quantize_speed.py`` and ``bench/quantize_
   ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` with bfloat16 activations (with float32 activations
   both are 5-100x slower than fp32), many rows decode the weight to bfloat16 per call and multiply on AMX. Either
   way the activations are rounded to bfloat16 (relative error ~2^-9, far below the weight quantization error).
-* weight-only int8 / int4 on AVX2 CPUs without native bfloat16 (AMD Zen 2/3, Intel before Cooper Lake): for few
+* weight-only int8 / int4 on AVX2 CPUs without native bfloat16 (AMD Zen 1/2/3, Intel before Cooper Lake): for few
   rows (decode) the C++ GEMV kernels of :mod:`cpu_ext` read the packed codes once and multiply in float32 with FMA
-  (activations stay float32); on smollm2-135m shapes at one row they are 1.4-1.9x (int8) and 1.1-1.3x (int4 g64)
-  faster than fp32 ``F.linear`` when the weight sits in cache, 5.5x / 4.9x on the 49152 x 576 LM head, which does
-  not (``bench/quantize_kernels.py gemv``); NF4 runs through the same 4-bit kernel with the codebook looked up in
-  registers. Many rows (prefill) decode the weight to float32 in one C++ pass and run ``F.linear`` (no faster than
+  (activations stay float32); NF4 runs through the same 4-bit kernel with the codebook looked up in registers.
+  Measured on smollm2-135m shapes at one row with the weights coming from DRAM, as in a decode step
+  (``bench/quantize_kernels.py gemv``, AMD EPYC Zen 1, 2 threads): int8 2.4-3.4x, int4 g64 2.3-3.1x, NF4 1.2-1.6x
+  fp32 ``F.linear`` on the block shapes, 4.5x / 4.1x / 1.7x on the 49152 x 576 LM head; with the weight hot in
+  cache int8 is only level with fp32 (0.8-1.2x). Many rows (prefill) decode the weight to float32 in one C++ pass and run ``F.linear`` (no faster than
   fp32: prefill is compute-bound and these layers multiply in float32).
   Elsewhere, and for formats without a kernel (NF4, int3, ...), layers dequantize on the fly and claim no speed.
 
