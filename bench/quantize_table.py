@@ -23,6 +23,9 @@ per window (not once per row); the result files are rewritten after every window
     OMP_NUM_THREADS=1 .venv/bin/python bench/quantize_table.py --max-tokens 4096 \
         --rows int4-pc-rtn,int4-pc-gptq,int4-g64-rtn-mse,int4-g64-gptq-mse
     # GPTQ options for every GPTQ row: --true-sequential, --damp 0.01, --token-clip 100, --no-act-order
+    # a long table in pieces: built lmshrink rows are kept in --cache-dir and reloaded (lmshrink.models.load_model,
+    # bit-identical), --resume continues an existing result file from its next window (same settings and code)
+    .venv/bin/python bench/quantize_table.py --threads 2 --max-tokens 102400 --cache-dir ~/.cache/lmshrink/qtable --resume
 
 Rows whose quantized layers have no kernel on the chosen device fall back to dequantize-on-the-fly (the
 ``kernels`` column says which ran); torch ``quantize_dynamic`` is CPU-only (a skipped row on cuda).
@@ -343,6 +346,10 @@ class Acc:
         self.n += target.numel()
         self.windows += 1
 
+    def sums(self) -> dict[str, Any]:
+        """The raw sums (exact state for :func:`resume_state`)."""
+        return {k: getattr(self, k) for k in ("nll", "kl", "top1", "n", "windows", "eval_s")}
+
     def summary(self, ref_nll: float) -> dict[str, Any]:
         ppl = math.exp(self.nll / self.n)
         return {
@@ -354,6 +361,70 @@ class Acc:
             "n_windows": self.windows,
             "eval_s": self.eval_s,
         }
+
+
+# --------------------------------------------------------------------------------------------- resuming
+
+#: Settings that must match for a result file to be continued or a cached model to be reused.
+RESUME_KEYS = ("model_spec", "group_size", "calibration", "gptq", "code_fingerprint")
+
+
+def code_fingerprint() -> str:
+    """sha256 (first 16 hex) of the lmshrink sources that decide a row's numbers (quantization, kernels, models,
+    evaluation): results or cached models from other code are not mixed in."""
+    import hashlib
+
+    h = hashlib.sha256()
+    src = REPO / "src" / "lmshrink"
+    for sub in ("quantization", "kernels", "models", "evaluation"):
+        for f in sorted((src / sub).rglob("*.py")):
+            h.update(str(f.relative_to(src)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def resume_state(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Acc], int]:
+    """Running sums per row and the number of windows already scored in ``old`` (a result file written by this
+    script), after checking that ``new`` (this run's settings) would produce the same numbers."""
+    for k in (*RESUME_KEYS, "row_keys"):
+        if old.get(k) != new.get(k):
+            raise SystemExit(
+                f"--resume: {k} differs from the existing result file ({old.get(k)!r} there, {new.get(k)!r} now); "
+                "rerun with the same settings and code, or write to a new --out"
+            )
+    if old["evaluation"]["ctx"] != new["evaluation"]["ctx"]:
+        raise SystemExit(f"--resume: ctx {old['evaluation']['ctx']} there, {new['evaluation']['ctx']} now")
+    accs = {r["key"]: Acc(**r["sums"]) for r in old["rows"] if "sums" in r}
+    done = int(old["evaluation"]["n_windows"])
+    if any(a.windows != done for a in accs.values()):
+        raise SystemExit("--resume: the rows of the existing result file scored different numbers of windows")
+    return accs, done
+
+
+def cached_build(
+    row: Row,
+    ref: nn.Module,
+    calib: list[dict[str, torch.Tensor]],
+    cache: Path | None,
+    fingerprint: dict[str, Any],
+) -> tuple[nn.Module, bool]:
+    """``row.build`` on a copy of ``ref``, or, for lmshrink rows with a ``cache`` folder, the model saved there by
+    an earlier run with the same ``fingerprint`` (reloaded with ``lmshrink.models.load_model``). Returns the model
+    and whether it came from the cache."""
+    from lmshrink.models import load_model
+    from lmshrink.utils.io import atomic_write_text
+
+    folder = None if cache is None or row.save is not save_lmshrink else cache / row.key
+    stamp = {**fingerprint, "row": row.key, "method": row.method}
+    if folder is not None and (folder / "bench_fingerprint.json").is_file():
+        if json.loads((folder / "bench_fingerprint.json").read_text()) == stamp:
+            model, _ = load_model(folder, device=next(ref.parameters()).device)
+            return model.eval(), True
+        log.info("%s: cached model in %s is from other settings or code; rebuilding", row.key, folder)
+    model = row.build(copy.deepcopy(ref).eval(), calib).eval()
+    if folder is not None:
+        save_lmshrink(model, folder)
+        atomic_write_text(folder / "bench_fingerprint.json", json.dumps(stamp, indent=2) + "\n")
+    return model, False
 
 
 @torch.no_grad()
@@ -479,6 +550,16 @@ def main(argv: list[str] | None = None) -> Path | None:
         "fp32 always runs",
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="keep built lmshrink rows here (lmshrink.models.save_model) and reload them in later runs",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the result file --out (or the default one) from its next window; settings must match",
+    )
     p.add_argument("--train-only", action="store_true", help="with --model float-llama: (re)train and exit")
     p.add_argument(
         "--out", default=None, help="result JSON path (default bench/results/quantize_table_<model>)"
@@ -546,6 +627,35 @@ def main(argv: list[str] | None = None) -> Path | None:
     selected = LinearSelection.of(ref).names
     n_sel = sum(ref.get_submodule(n).weight.numel() for n in selected)
     out = Path(a.out) if a.out else RESULTS / f"quantize_table_{label}.json"
+    settings: dict[str, Any] = {
+        "model_spec": spec,
+        "group_size": group,
+        "calibration": {
+            "dataset": "c4 validation (lmshrink.data.calibration_batches, seed 0)",
+            "n_samples": a.calib_samples,
+            "seq_len": a.calib_seq_len,
+            "description": f"C4 validation, {a.calib_samples} x {a.calib_seq_len} tokens, seed 0",
+        },
+        "gptq": {
+            "act_order": not a.no_act_order,
+            "true_sequential": a.true_sequential,
+            "damp": a.damp,
+            "token_clip": a.token_clip,
+        },
+        "code_fingerprint": code_fingerprint(),
+        "row_keys": [r.key for r in rows],
+        "evaluation": {"ctx": a.ctx},
+    }
+    old_doc: dict[str, Any] | None = None
+    accs: dict[str, Acc] = {}
+    start = 0
+    if a.resume and out.is_file():
+        old_doc = json.loads(out.read_text())
+        accs, start = resume_state(old_doc, settings)
+        log.info("resuming %s after %d scored windows", out, start)
+    old_recs = {r["key"]: r for r in (old_doc or {}).get("rows", [])}
+    cache = Path(a.cache_dir).expanduser() if a.cache_dir else None
+    fingerprint = {k: settings[k] for k in RESUME_KEYS} | {"device": str(device)}
 
     base: dict[str, Any] = {"key": "fp32", "method": "float32 reference", "bits": "32", "status": "ok"}
     base["stored_bytes"] = stored_bytes(ref)
@@ -561,8 +671,11 @@ def main(argv: list[str] | None = None) -> Path | None:
         try:
             log.info("%s: building", row.key)
             t0 = time.perf_counter()
-            model = row.build(copy.deepcopy(ref).eval(), calib).eval()
+            model, from_cache = cached_build(row, ref, calib, cache, fingerprint)
             rec["build_s"] = time.perf_counter() - t0
+            if from_cache:  # the build time is the original build's, when this table has it
+                rec["build_s"] = old_recs.get(row.key, {}).get("build_s", rec["build_s"])
+                rec["loaded_from_cache"] = str(cache)
             rec["kernels"] = _kernels(model)
             rec["stored_bytes"] = stored_bytes(model)
             rec.update(_size_on_disk(model, row.save))
@@ -582,12 +695,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         "command": "OMP_NUM_THREADS=1 python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
         "group_size": group,
         "group_size_rule": "128 when it divides every selected input dimension, else the largest power of 2 below",
-        "calibration": {
-            "dataset": "c4 validation (lmshrink.data.calibration_batches, seed 0)",
-            "n_samples": a.calib_samples,
-            "seq_len": a.calib_seq_len,
-            "description": f"C4 validation, {a.calib_samples} x {a.calib_seq_len} tokens, seed 0",
-        },
+        "calibration": settings["calibration"],
         "evaluation": {
             "data": "WikiText-2 raw test, tokenized once, non-overlapping windows (GPTQ protocol)",
             "ctx": a.ctx,
@@ -600,12 +708,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         "selected_linears": {"count": len(selected), "weights": n_sel},
         "provenance": provenance(str(device), torch.float32),
         "device": str(device),
-        "gptq": {
-            "act_order": not a.no_act_order,
-            "true_sequential": a.true_sequential,
-            "damp": a.damp,
-            "token_clip": a.token_clip,
-        },
+        "gptq": settings["gptq"],
+        "code_fingerprint": settings["code_fingerprint"],
+        "row_keys": settings["row_keys"],
         "versions": versions(),
         "threads": a.threads,
         "complete": False,
@@ -615,9 +720,25 @@ def main(argv: list[str] | None = None) -> Path | None:
     if label == "float-llama" and (FLOAT_LLAMA_DIR / "train_info.json").is_file():
         info = json.loads((FLOAT_LLAMA_DIR / "train_info.json").read_text())
         doc["float_model"] = {k: info[k] for k in ("recipe", "parameters", "train_s", "threads", "command")}
-    accs = {k: Acc() for k in ["fp32", *models]}
+    run = {"command": doc["command"], "date": doc["provenance"].get("date"), "first_window": start}
+    if old_doc is None:
+        accs = {k: Acc() for k in ["fp32", *models]}
+        doc["runs"] = [run]
+    else:
+        if set(accs) != {"fp32", *models}:
+            raise SystemExit(
+                f"--resume: rows with results there {sorted(accs)} differ from the rows built now "
+                f"{sorted(['fp32', *models])} (a row failed to build in one of the runs)"
+            )
+        doc["runs"] = [*old_doc.get("runs", []), run]
+        doc["notes"] = [n for n in old_doc.get("notes", []) if not n.startswith("stopped after")]
+        started -= float(old_doc.get("wall_s", 0.0))
     t_eval = time.time()
+    if start >= n_windows:
+        log.info("all %d windows were already scored", n_windows)
     for wi, window in enumerate(windows):
+        if wi < start:
+            continue
         target = window[1:]
         t0 = time.perf_counter()
         ref_logp = _logp(ref, window)
@@ -631,6 +752,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         for rec in records:
             if rec["key"] in accs:
                 rec["quality"] = accs[rec["key"]].summary(accs["fp32"].nll)
+                rec["sums"] = accs[rec["key"]].sums()
+        run["last_window"] = wi
         doc["evaluation"].update(n_tokens=accs["fp32"].n, n_windows=accs["fp32"].windows)
         doc["wall_s"] = time.time() - started
         doc["complete"] = wi + 1 == n_windows

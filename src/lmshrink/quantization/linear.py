@@ -339,25 +339,8 @@ class QuantLinear(nn.Module):
             )  # fmt: skip
         if kernel == "int8-weight-only-cpu-avx2":
             return cpu_kernels.int8_weight_only_avx2(x, self.qweight, self.scale, self.bias)
-        if kernel == "int4-weight-only-cpu-avx2":
-            if "int4avx2" not in self._cache:
-                s = self.scale.float().reshape(self.out_features, -1).contiguous()
-                z = self.zero.float() if not self.spec.symmetric else torch.zeros_like(s)
-                self._cache["int4avx2"] = (self.qweight, s, (self.grid.qmin - z).contiguous(), None)
-            _, s, off, _ = self._cache["int4avx2"]
-            return cpu_kernels.int4_weight_only_avx2(
-                x, self.qweight, s, off, self.dequantize_weight, self.bias
-            )
-        if kernel == "nf4-weight-only-cpu-avx2":
-            if "nf4avx2" not in self._cache:
-                from lmshrink.quantization.formats import NF4_CODEBOOK
-
-                scale_buf: torch.Tensor = self._buffers["c_scale"]  # type: ignore[assignment]
-                codes_buf: torch.Tensor = self._buffers["c_codes"]  # type: ignore[assignment]
-                s = scale_buf.float().reshape(self.out_features, -1).contiguous()
-                codes = codes_buf.reshape(self.out_features, self.in_features // 2)
-                self._cache["nf4avx2"] = (codes, s, torch.zeros_like(s), NF4_CODEBOOK.float().contiguous())
-            codes, s, off, lut = self._cache["nf4avx2"]
+        if kernel in ("int4-weight-only-cpu-avx2", "nf4-weight-only-cpu-avx2"):
+            codes, s, off, lut = self._avx2_4bit_operands(kernel)
             return cpu_kernels.int4_weight_only_avx2(x, codes, s, off, self.dequantize_weight, self.bias, lut)
         if kernel == "fbgemm-int8-dynamic-per-token+fp32-outliers":
             return self._forward_outliers(x)
@@ -397,6 +380,27 @@ class QuantLinear(nn.Module):
         w_out = self.qweight[:, cols].float() * self.scale.reshape(-1, 1)
         return y.addmm_(x_out, w_out.t())
 
+    def _avx2_4bit_operands(
+        self, kernel: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Packed codes (N, K/2), float32 group scales and offsets (N, n_groups) and the NF4 codebook (None for
+        integer grids) in the layout of the AVX2 4-bit GEMV; built once per layer and cached."""
+        key = "nf4avx2" if kernel.startswith("nf4") else "int4avx2"
+        if key not in self._cache:
+            if key == "int4avx2":
+                s = self.scale.float().reshape(self.out_features, -1).contiguous()
+                z = self.zero.float() if not self.spec.symmetric else torch.zeros_like(s)
+                self._cache[key] = (self.qweight, s, (self.grid.qmin - z).contiguous(), None)
+            else:
+                from lmshrink.quantization.formats import NF4_CODEBOOK
+
+                scale_buf: torch.Tensor = self._buffers["c_scale"]  # type: ignore[assignment]
+                codes_buf: torch.Tensor = self._buffers["c_codes"]  # type: ignore[assignment]
+                s = scale_buf.float().reshape(self.out_features, -1).contiguous()
+                codes = codes_buf.reshape(self.out_features, self.in_features // 2)
+                self._cache[key] = (codes, s, torch.zeros_like(s), NF4_CODEBOOK.float().contiguous())
+        return self._cache[key]  # type: ignore[no-any-return]
+
     def _decode_step_fn(self, kernel: str) -> Any:
         """The 2-D forward for ``kernel``. For the AVX2 weight-only kernels a closure that calls the C++ GEMV
         directly for few rows: a decode step runs ~200 of these layers on one row, where Python dispatch (tens of
@@ -414,8 +418,7 @@ class QuantLinear(nn.Module):
             return int8_fn
         if kernel in ("int4-weight-only-cpu-avx2", "nf4-weight-only-cpu-avx2") and ext is not None:
             slow = functools.partial(self._forward_2d, kernel=kernel)
-            slow(torch.zeros(1, self.in_features))  # builds the float32 scales / offsets / codebook once
-            codes, s4, off, lut = self._cache["nf4avx2" if kernel.startswith("nf4") else "int4avx2"]
+            codes, s4, off, lut = self._avx2_4bit_operands(kernel)
             gemv4, b4 = ext.int4_wo_gemv, self.bias
             rows4 = cpu_kernels.AVX2_INT4_GEMV_MAX_ROWS if lut is None else cpu_kernels.AVX2_NF4_GEMV_MAX_ROWS
 

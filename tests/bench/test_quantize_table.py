@@ -1,0 +1,85 @@
+"""The quantization table in pieces: resumed sums equal one uninterrupted run's, and cached rows reload exactly."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+from quantize_table import Acc, Row, _lmshrink, cached_build, resume_state
+
+
+def _settings(**over: Any) -> dict[str, Any]:
+    s: dict[str, Any] = {
+        "model_spec": "m",
+        "group_size": 64,
+        "calibration": {"n_samples": 2, "seq_len": 8},
+        "gptq": {"act_order": True},
+        "code_fingerprint": "abc",
+        "row_keys": ["int8-rtn"],
+        "evaluation": {"ctx": 16},
+    }
+    s.update(over)
+    return s
+
+
+def _logps(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ref = F.log_softmax(torch.randn(15, 32, generator=g), -1)
+    row = F.log_softmax(torch.randn(15, 32, generator=g), -1)
+    return row, ref, torch.randint(0, 32, (15,), generator=g)
+
+
+def test_resumed_sums_equal_one_run() -> None:
+    whole, first = Acc(), Acc()
+    for seed in range(3):
+        whole.add(*_logps(seed))
+    first.add(*_logps(0))
+    old = _settings()
+    old["evaluation"] = {"ctx": 16, "n_windows": 1}
+    old["rows"] = [{"key": "fp32", "sums": first.sums()}, {"key": "int8-rtn", "sums": first.sums()}]
+    accs, done = resume_state(old, _settings())
+    assert done == 1
+    rest = accs["int8-rtn"]
+    for seed in (1, 2):
+        rest.add(*_logps(seed))
+    assert rest.sums() == pytest.approx(whole.sums())
+    assert rest.summary(0.0) == pytest.approx(whole.summary(0.0))
+
+
+@pytest.mark.parametrize(
+    "key, value", [("code_fingerprint", "other"), ("group_size", 32), ("row_keys", ["nf4"]), ("gptq", {})]
+)
+def test_resume_refuses_other_settings_or_code(key: str, value: Any) -> None:
+    old = _settings()
+    old["evaluation"] = {"ctx": 16, "n_windows": 1}
+    old["rows"] = []
+    with pytest.raises(SystemExit, match=key):
+        resume_state(old, _settings(**{key: value}))
+
+
+def test_cached_row_reloads_bit_identically_and_rebuilds_on_other_settings(tiny_llama, tmp_path) -> None:
+    built: list[int] = []
+    inner = _lmshrink({"format": "int4", "group_size": 32})
+
+    def build(model: torch.nn.Module, calib: Any) -> torch.nn.Module:
+        built.append(1)
+        return inner(model, calib)
+
+    row = Row("int4-g32-rtn", "int4 g32 RTN", "W4", build)
+    ids = torch.randint(0, 128, (1, 24))
+    fp = {"code_fingerprint": "abc"}
+    first, hit1 = cached_build(row, copy.deepcopy(tiny_llama), [], tmp_path, fp)
+    again, hit2 = cached_build(row, copy.deepcopy(tiny_llama), [], tmp_path, fp)
+    assert (hit1, hit2, len(built)) == (False, True, 1)
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, again(ids).logits)
+    _, hit3 = cached_build(row, copy.deepcopy(tiny_llama), [], tmp_path, {"code_fingerprint": "new"})
+    assert not hit3 and len(built) == 2
