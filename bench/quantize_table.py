@@ -22,7 +22,8 @@ per window (not once per row); the result files are rewritten after every window
     # GPTQ/RTN variants (rows outside the default table): per-channel int4 and the MSE-searched clipping
     OMP_NUM_THREADS=1 .venv/bin/python bench/quantize_table.py --max-tokens 4096 \
         --rows int4-pc-rtn,int4-pc-gptq,int4-g64-rtn-mse,int4-g64-gptq-mse
-    # GPTQ options for every GPTQ row: --true-sequential, --damp 0.01, --token-clip 100, --no-act-order
+    # GPTQ options for every GPTQ row: --no-true-sequential, --scale-refit 0, --damp 0.01, --token-clip 100,
+    # --no-act-order (the defaults are lmshrink's: act-order, true-sequential, 2 scale refits)
     # a long table in pieces: built lmshrink rows are kept in --cache-dir and reloaded (lmshrink.models.load_model,
     # bit-identical), --resume continues an existing result file from its next window (same settings and code)
     .venv/bin/python bench/quantize_table.py --threads 2 --max-tokens 102400 --cache-dir ~/.cache/lmshrink/qtable --resume
@@ -245,17 +246,25 @@ def _direct(
 def make_rows(
     group: int,
     act_order: bool,
-    true_sequential: bool = False,
+    true_sequential: bool = True,
     damp: float = 0.01,
     token_clip: float | None = None,
+    scale_refit: int = 2,
 ) -> list[Row]:
     """Every row. int4 rows come per group size (``g<group>``) and per channel (``pc``), each also with the
     MSE-searched clipping (``-mse`` suffix; same search for RTN and GPTQ)."""
     ao = " (act-order)" if act_order else ""
     ts = ", true-sequential" if true_sequential else ""
+    ts += f", {scale_refit} scale refits" if scale_refit else ""
     dp = f", damp {damp:g}" if damp != 0.01 else ""
     dp += f", token clip {token_clip:g}x median" if token_clip is not None else ""
-    gptq_opts = {"method": "gptq", "act_order": act_order, "true_sequential": true_sequential, "damp": damp}
+    gptq_opts = {
+        "method": "gptq",
+        "act_order": act_order,
+        "true_sequential": true_sequential,
+        "damp": damp,
+        "scale_refit": scale_refit,
+    }
     int4_rows = [
         Row(
             f"int4{key}-{g}-{method}{mse}",
@@ -380,6 +389,20 @@ def code_fingerprint() -> str:
         for f in sorted((src / sub).rglob("*.py")):
             h.update(str(f.relative_to(src)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit (None outside a git checkout); ``+dirty`` when tracked files differ from it."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD"], check=False).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def resume_state(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Acc], int]:
@@ -530,7 +553,14 @@ def main(argv: list[str] | None = None) -> Path | None:
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--group-size", type=int, default=None, help="int4/NF4 group (default: 128 if it divides)")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order")
-    p.add_argument("--true-sequential", action="store_true", help="GPTQ rows with true_sequential=True")
+    p.add_argument(
+        "--no-true-sequential",
+        action="store_true",
+        help="GPTQ rows with true_sequential=False (one pass per block)",
+    )
+    p.add_argument(
+        "--scale-refit", type=int, default=2, help="GPTQ rows: rounds of least-squares scale refits"
+    )
     p.add_argument(
         "--damp", type=float, default=0.01, help="GPTQ damping (fraction of the mean Hessian diagonal)"
     )
@@ -600,7 +630,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     ref, tok = load_model(spec, dtype="float32")
     ref = ref.to(device).eval()
     group = a.group_size or default_group_size(ref)
-    rows = make_rows(group, not a.no_act_order, a.true_sequential, a.damp, a.token_clip)
+    rows = make_rows(group, not a.no_act_order, not a.no_true_sequential, a.damp, a.token_clip, a.scale_refit)
     if a.rows:
         keep = {k.strip() for k in a.rows.split(",") if k.strip()}
         unknown = keep - {r.key for r in rows}
@@ -638,7 +668,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         },
         "gptq": {
             "act_order": not a.no_act_order,
-            "true_sequential": a.true_sequential,
+            "true_sequential": not a.no_true_sequential,
+            "scale_refit": a.scale_refit,
             "damp": a.damp,
             "token_clip": a.token_clip,
         },
@@ -720,7 +751,12 @@ def main(argv: list[str] | None = None) -> Path | None:
     if label == "float-llama" and (FLOAT_LLAMA_DIR / "train_info.json").is_file():
         info = json.loads((FLOAT_LLAMA_DIR / "train_info.json").read_text())
         doc["float_model"] = {k: info[k] for k in ("recipe", "parameters", "train_s", "threads", "command")}
-    run = {"command": doc["command"], "date": doc["provenance"].get("date"), "first_window": start}
+    run = {
+        "command": doc["command"],
+        "date": doc["provenance"].get("date"),
+        "commit": git_commit(),
+        "first_window": start,
+    }
     if old_doc is None:
         accs = {k: Acc() for k in ["fp32", *models]}
         doc["runs"] = [run]

@@ -25,6 +25,19 @@ def fake_sources(monkeypatch: pytest.MonkeyPatch, tiny_llama) -> None:
     [
         ["--method", "rtn", "--format", "int4", "--group-size", "32"],
         ["--method", "gptq", "--format", "int4", "--group-size", "32", "--n-samples", "4", "--seq-len", "32"],
+        [
+            "--method",
+            "gptq",
+            "--format",
+            "int4",
+            "--n-samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--no-true-sequential",
+            "--scale-refit",
+            "0",
+        ],
         ["--method", "smoothquant", "--format", "int8"],
     ],
 )
@@ -45,6 +58,7 @@ def test_quantize_writes_a_loadable_directory(tmp_path: Path, fake_sources, args
         (["--method", "nope"], "unknown method"),
         (["--format", "int4", "--group-size", "48"], "does not divide"),
         (["--format", "int17"], "bits must be in 2..8"),
+        (["--method", "gptq", "--format", "int4", "--scale-refit", "-1"], "scale_refit"),
     ],
 )
 def test_bad_input_exits_2_without_output(tmp_path: Path, fake_sources, args, message, capsys) -> None:

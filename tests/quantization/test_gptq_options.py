@@ -1,11 +1,18 @@
-"""GPTQ's experimental options: MSE-searched group clipping and the per-token Hessian energy cap."""
+"""GPTQ's experimental options: MSE-searched group clipping, the per-token Hessian energy cap and least-squares
+scale refits."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lmshrink.quantization.gptq import GPTQ, accumulate_hessian, clip_token_energy
+from lmshrink.quantization.gptq import (
+    GPTQ,
+    accumulate_hessian,
+    clip_token_energy,
+    hessian_error,
+    refit_scales,
+)
 from lmshrink.quantization.grid import (
     IntGrid,
     compute_qparams,
@@ -96,3 +103,38 @@ def test_token_clip_helps_ordinary_tokens_when_a_sink_dominates() -> None:
         deq = dequantize_codes(codes, scale, zero, grid)
         errs[clip] = float((held_out @ (w - deq).t()).pow(2).mean())
     assert errs[10.0] < errs[None]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [32, None])
+def test_refit_scales_recovers_the_scales_that_made_the_weight(symmetric: bool, group: int | None) -> None:
+    """A weight that is exactly codes x scales: from the codes and deliberately wrong scales, the refit finds the
+    true ones (to float16 storage for groups), whatever the Hessian."""
+    g = torch.Generator().manual_seed(1)
+    grid = IntGrid(4, symmetric, group)
+    codes = torch.randint(grid.qmin, grid.qmax + 1, (6, 64), generator=g, dtype=torch.int16)
+    n_groups = 1 if group is None else 64 // group
+    true_s = (torch.rand(6, n_groups, generator=g) + 0.5).half().float()
+    zero = torch.zeros(6, n_groups) if symmetric else torch.randint(6, 10, (6, n_groups), generator=g).float()
+    w = dequantize_codes(codes, true_s, zero, grid)
+    x = torch.randn(256, 64, generator=g) * torch.linspace(0.1, 3.0, 64)
+    h, _ = accumulate_hessian(x, torch.zeros(64, 64), 0)
+    new = refit_scales(w, h, codes, true_s * 1.3, zero, grid)
+    torch.testing.assert_close(new, true_s, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_refit_lowers_the_calibration_error_and_keeps_codes_on_grid(symmetric: bool) -> None:
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(48, 128, generator=g)
+    x = torch.randn(1024, 128, generator=g) * torch.linspace(0.2, 4.0, 128)
+    grid = IntGrid(4, symmetric, 32)
+    q = GPTQ(w)
+    q.add_batch(x)
+    errs = []
+    for rounds in (0, 2):
+        codes, scale, zero = q.quantize(grid, blocksize=32, actorder=True, refit=rounds)
+        assert int(codes.min()) >= grid.qmin and int(codes.max()) <= grid.qmax
+        assert torch.equal(scale, scale.half().float())  # grouped scales as stored (float16)
+        errs.append(float(hessian_error(w, q.h, dequantize_codes(codes, scale, zero, grid)).sum()))
+    assert errs[1] < 0.99 * errs[0]

@@ -79,6 +79,14 @@ def quantize(
     act_order: bool = typer.Option(
         True, "--act-order/--no-act-order", help="GPTQ: quantize columns by decreasing Hessian diag"
     ),
+    true_sequential: bool = typer.Option(
+        True,
+        "--true-sequential/--no-true-sequential",
+        help="GPTQ: layers of a block one group at a time, each on the inputs of the already quantized ones",
+    ),
+    scale_refit: int = typer.Option(
+        2, "--scale-refit", help="GPTQ: rounds of least-squares group-scale refits"
+    ),
     alpha: str = typer.Option("auto", help="SmoothQuant migration strength in [0, 1], or 'auto' (searched)"),
     threshold: float = typer.Option(6.0, help="LLM.int8() outlier threshold"),
     activations: str = typer.Option("auto", help="auto | int8 | float"),
@@ -89,7 +97,8 @@ def quantize(
     from lmshrink.quantization.storage import save_quantized_model
 
     cfg = QuantConfig(
-        method=method, format=format, group_size=group_size, act_order=act_order, alpha=alpha if alpha == "auto" else _float(alpha, "--alpha"),
+        method=method, format=format, group_size=group_size, act_order=act_order, true_sequential=true_sequential,
+        scale_refit=scale_refit, alpha=alpha if alpha == "auto" else _float(alpha, "--alpha"),
         threshold=threshold, activations=activations,
         calibration={"dataset": calib, "n_samples": n_samples, "seq_len": seq_len, "seed": seed},
     )  # fmt: skip

@@ -106,10 +106,14 @@ class QuantConfig(BaseModel):
     damp: float = Field(default=0.01, gt=0.0, le=1.0)
     block_size: int = Field(default=128, ge=1)
     #: GPTQ: inside a block, quantize the layers in execution order (q/k/v, then o, then gate/up, then down), each
-    #: group's Hessian taken with the earlier groups already quantized (AutoGPTQ's ``true_sequential``); False: every
-    #: layer of the block sees the float block's inputs (one pass, faster; the default, which produced the published
-    #: GPTQ figures).
-    true_sequential: bool = False
+    #: group's Hessian taken with the earlier groups already quantized (AutoGPTQ's ``true_sequential``, its default
+    #: too); False: every layer of the block sees the float block's inputs (one pass, about half the time).
+    #: Measured on smollm2-135m int4 g64, 8,188 WikiText-2 tokens, C4 32 x 512: ppl +35.4% -> +31.5% vs fp32.
+    true_sequential: bool = True
+    #: GPTQ: rounds of least-squares group-scale refits (the best scales for the codes under the layer's Hessian),
+    #: each followed by a GPTQ pass with those scales held fixed; the result with the least calibration error is
+    #: kept. 0: the plain algorithm. Same measurement as above, 2 rounds: +35.4% -> +30.4% (1.9x the GPTQ time).
+    scale_refit: int = Field(default=2, ge=0, le=10)
     # AWQ
     grid: int = Field(default=20, ge=1, le=1000)
     # SmoothQuant

@@ -32,7 +32,7 @@ from lmshrink.models.arch import set_submodule
 from lmshrink.models.layerwise import BlockInput, run_block
 from lmshrink.quantization.api import Batches, BlockLayers, feed_inputs, for_each_block
 from lmshrink.quantization.config import QuantConfig
-from lmshrink.quantization.grid import IntGrid, compute_qparams, compute_qparams_mse
+from lmshrink.quantization.grid import IntGrid, compute_qparams, compute_qparams_mse, dequantize_codes
 from lmshrink.quantization.linear import QuantLinear, linear_weight_and_bias
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,46 @@ def _round_scale(scale: torch.Tensor, grid: IntGrid) -> torch.Tensor:
     return scale.to(torch.float16).float() if grid.group_size is not None else scale
 
 
+def hessian_error(w: torch.Tensor, h: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+    """Per output row, ``(w - w_hat) H (w - w_hat)^T``: the layer's output error on the calibration inputs (up to
+    the constant of ``H = 2 X X^T / n``)."""
+    d = (w - w_hat).float()
+    return ((d @ h) * d).sum(dim=-1)
+
+
+def refit_scales(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    grid: IntGrid,
+) -> torch.Tensor:
+    """Group scales that minimise :func:`hessian_error` for fixed integer ``codes`` and zero points.
+
+    Row ``r``'s dequantized weight is linear in its group scales, ``w_hat = U s`` with ``U[k, g(k)] = q_k - z``, so
+    the best scales solve ``(U^T H U) s = U^T H w`` (a G x G system per row). A row keeps its old scales where the
+    new ones are not all positive or (after float16 rounding for grouped grids) do not lower its error.
+    """
+    n, k = w.shape
+    gs = k if grid.group_size is None else grid.group_size
+    if grid.group_size == 0 or k % gs:
+        return scale
+    g = k // gs
+    u = (codes.float() - zero.float().repeat_interleave(gs, dim=1)).reshape(n, g, gs)
+    hb = h.reshape(g, gs, g, gs)
+    a = torch.einsum("rgi,gihj,rhj->rgh", u, hb, u)
+    b = (u * (w.float() @ h).reshape(n, g, gs)).sum(dim=-1)
+    ridge = 1e-9 * a.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-30)
+    a = a + ridge[:, None, None] * torch.eye(g, device=w.device)
+    new = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1)
+    new = _round_scale(new, grid)
+    old_err = hessian_error(w, h, dequantize_codes(codes, scale, zero, grid))
+    new_err = hessian_error(w, h, dequantize_codes(codes, new, zero, grid))
+    ok = (new > 0).all(dim=1) & torch.isfinite(new).all(dim=1) & (new_err < old_err)
+    return torch.where(ok[:, None], new, scale)
+
+
 class GPTQ:
     """Per-layer GPTQ state: the float weight (N, K) and the Hessian of its inputs."""
 
@@ -107,12 +147,47 @@ class GPTQ:
         percdamp: float = 0.01,
         actorder: bool = False,
         mse: bool = False,
+        refit: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return integer codes (N, K) in the original column order and ``scale``/``zero`` (N, n_groups).
 
         ``mse``: fit each group's clipping range by the reference's shrink search
         (:func:`~lmshrink.quantization.grid.compute_qparams_mse`) instead of plain min/max.
+        ``refit``: rounds of :func:`refit_scales` (least-squares scales for the codes under the Hessian), each
+        followed by a GPTQ pass with those scales held fixed; the codes/scales with the least Hessian-weighted
+        error are returned.
         """
+        codes, scale, zero = self._quantize_once(grid, blocksize, percdamp, actorder, mse, None)
+        if refit <= 0:
+            return codes, scale, zero
+        h = self.h.clone()
+        w = self.weight.clone()
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+        best = (codes, scale, zero)
+        best_err = hessian_error(w, h, dequantize_codes(codes, scale, zero, grid)).sum()
+        for _ in range(refit):
+            scale = refit_scales(w, h, codes, scale, zero, grid)
+            err = hessian_error(w, h, dequantize_codes(codes, scale, zero, grid)).sum()
+            if err < best_err:
+                best, best_err = (codes, scale, zero), err
+            codes, scale, zero = self._quantize_once(grid, blocksize, percdamp, actorder, mse, (scale, zero))
+            err = hessian_error(w, h, dequantize_codes(codes, scale, zero, grid)).sum()
+            if err < best_err:
+                best, best_err = (codes, scale, zero), err
+        return best
+
+    def _quantize_once(
+        self,
+        grid: IntGrid,
+        blocksize: int,
+        percdamp: float,
+        actorder: bool,
+        mse: bool,
+        fixed: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One GPTQ pass; ``fixed``: use these ``scale``/``zero`` for every group instead of fitting them."""
         qparams = compute_qparams_mse if mse else compute_qparams
         w = self.weight.clone()
         n_rows, k = w.shape
@@ -124,7 +199,9 @@ class GPTQ:
         w[:, dead] = 0.0
         gs = grid.group_size
         per_channel = IntGrid(grid.bits, grid.symmetric, None)
-        if gs is None or actorder:  # per-channel, or static groups (computed before permuting)
+        if fixed is not None:
+            scale, zero = fixed
+        elif gs is None or actorder:  # per-channel, or static groups (computed before permuting)
             scale, zero = qparams(w, grid)
             scale = _round_scale(scale, grid)
         else:
@@ -144,7 +221,9 @@ class GPTQ:
             hinv1 = hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 col = int(perm[i1 + i])
-                if gs is not None and not actorder and col % gs == 0:  # dynamic group: fit on updated weights
+                if (
+                    gs is not None and not actorder and fixed is None and col % gs == 0
+                ):  # dynamic group: fit on updated weights
                     s, z = qparams(_group_cols(w, w1, err1, hinv, i1, i, gs), per_channel)
                     scale[:, col // gs], zero[:, col // gs] = _round_scale(s, grid).flatten(), z.flatten()
                 g = 0 if gs is None else col // gs
@@ -227,8 +306,11 @@ def quantize_gptq(
     *,
     mse: bool = False,
     token_clip: float | None = None,
+    refit: int | None = None,
 ) -> None:
     """Handler for ``method="gptq"``: block by block, Hessians from the block's calibration inputs.
+
+    ``refit`` overrides the config's ``scale_refit`` (see :meth:`GPTQ.quantize`).
 
     ``mse`` (not a :class:`QuantConfig` field; for experiments): MSE-searched group clipping, see
     :meth:`GPTQ.quantize`. Layers outside the blocks then still get plain RTN. ``token_clip`` (also not a config
@@ -237,6 +319,7 @@ def quantize_gptq(
     assert calibration is not None  # checked by quantize_model
     spec = config.weight_spec()
     grid = IntGrid(spec.bits, spec.symmetric, spec.group_size)
+    refit = config.scale_refit if refit is None else refit
 
     def process(_index: int, block: nn.Module, block_layers: BlockLayers, inputs: list[BlockInput]) -> None:
         groups = (
@@ -247,7 +330,7 @@ def quantize_gptq(
             feed_inputs(block, {rel: mod for _, rel, mod in group}, inputs, partial(_add_batch, states))
             for _full, rel, mod in group:
                 codes, scale, zero = states[rel].quantize(
-                    grid, config.block_size, config.damp, config.act_order, mse
+                    grid, config.block_size, config.damp, config.act_order, mse, refit
                 )
                 bias = linear_weight_and_bias(mod)[1]
                 q = QuantLinear.from_codes(codes, scale, zero, spec, bias, act=config.act_mode)
