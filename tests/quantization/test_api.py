@@ -114,3 +114,34 @@ def test_calibrated_methods_run_on_tiny_llama(tiny_llama, method: str) -> None:
     out = q(ids).logits
     assert torch.isfinite(out).all()
     assert ((out - ref).norm() / ref.norm()) < (0.05 if fmt == "int8" else 0.3)
+
+
+def test_feed_inputs_stops_each_forward_once_every_watched_input_is_seen(tiny_llama) -> None:
+    """Watching q/k/v only, the block's MLP never runs, and the inputs reported are exactly those a full pass
+    hands to q_proj."""
+    from lmshrink.models.layerwise import capture_block_inputs
+    from lmshrink.quantization.api import feed_inputs
+
+    block = tiny_llama.model.layers[0]
+    gen = torch.Generator().manual_seed(0)
+    inputs = capture_block_inputs(
+        tiny_llama, [{"input_ids": torch.randint(0, 128, (1, 16), generator=gen)}] * 2
+    )
+    full: list[torch.Tensor] = []
+    handle = block.self_attn.q_proj.register_forward_pre_hook(lambda _m, a: full.append(a[0].reshape(-1, 64)))
+    mlp_calls: list[int] = []
+    mlp = block.mlp.register_forward_pre_hook(lambda *_: mlp_calls.append(1))
+    with torch.no_grad():
+        for inp in inputs:
+            block(*inp.args, **inp.kwargs)
+    handle.remove()
+    assert len(mlp_calls) == 2
+    got: dict[str, list[torch.Tensor]] = {"q": [], "k": [], "v": []}
+    attn = block.self_attn
+    watched = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj}
+    feed_inputs(block, watched, inputs, lambda name, x: got[name].append(x))
+    mlp.remove()
+    assert len(mlp_calls) == 2  # stopped before the MLP both times
+    assert all(len(v) == 2 for v in got.values())
+    for a, b in zip(got["q"], full, strict=True):
+        assert torch.equal(a, b)

@@ -15,6 +15,7 @@ block (:func:`for_each_block`) so memory stays near one block's worth beyond the
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from torch import nn
 
 from lmshrink.errors import LmshrinkError, NumericsError
 from lmshrink.models.arch import find_layers, select_linears
-from lmshrink.models.layerwise import BlockInput, run_block, run_layerwise
+from lmshrink.models.layerwise import BlockInput, run_layerwise
 from lmshrink.quantization.config import QuantConfig
 from lmshrink.quantization.linear import linear_weight_and_bias
 
@@ -150,23 +151,41 @@ def for_each_block(
     return outside
 
 
+class _AllInputsSeen(Exception):
+    """Raised inside a block's forward once every watched module has its input: the rest is not needed."""
+
+
 def feed_inputs(
     block: nn.Module,
     modules: dict[str, nn.Module],
     inputs: list[BlockInput],
     on_input: Callable[[str, torch.Tensor], None],
 ) -> None:
-    """Run ``block`` over ``inputs`` once, calling ``on_input(name, x2d)`` with each watched module's input."""
+    """Run ``block`` over ``inputs``, calling ``on_input(name, x2d)`` with each watched module's input.
+
+    Each input's forward stops as soon as every watched module has received its input (q/k/v or gate/up of a
+    true-sequential GPTQ group need only the first part of the block), so a watched module is reported once per
+    input.
+    """
+    seen: set[str] = set()
     handles = []
     for name, mod in modules.items():
 
         def hook(_m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            if name in seen:
+                return
             x = args[0].detach()
             on_input(name, x.reshape(-1, x.shape[-1]).float())
+            seen.add(name)
+            if len(seen) == len(modules):
+                raise _AllInputsSeen
 
         handles.append(mod.register_forward_pre_hook(hook))
     try:
-        run_block(block, inputs)
+        for inp in inputs:
+            seen.clear()
+            with torch.no_grad(), contextlib.suppress(_AllInputsSeen):
+                block(*inp.args, **inp.kwargs)
     finally:
         for h in handles:
             h.remove()

@@ -327,7 +327,11 @@ def quantize_gptq(
         )
         for group in groups:
             states = {rel: GPTQ(linear_weight_and_bias(mod)[0], full, token_clip) for full, rel, mod in group}
-            feed_inputs(block, {rel: mod for _, rel, mod in group}, inputs, partial(_add_batch, states))
+            # true-sequential groups read one input tensor (sequential_groups): one Hessian serves them all
+            watched = group[:1] if config.true_sequential else group
+            feed_inputs(block, {rel: mod for _, rel, mod in watched}, inputs, partial(_add_batch, states))
+            for _full, rel, _mod in group[len(watched) :]:
+                states[rel].h, states[rel].n = states[watched[0][1]].h, states[watched[0][1]].n
             for _full, rel, mod in group:
                 codes, scale, zero = states[rel].quantize(
                     grid, config.block_size, config.damp, config.act_order, mse, refit
