@@ -160,11 +160,7 @@ class GPTQ:
         codes, scale, zero = self._quantize_once(grid, blocksize, percdamp, actorder, mse, None)
         if refit <= 0:
             return codes, scale, zero
-        h = self.h.clone()
-        w = self.weight.clone()
-        dead = torch.diag(h) == 0
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
+        w, h = self._problem()
         best = (codes, scale, zero)
         best_err = hessian_error(w, h, dequantize_codes(codes, scale, zero, grid)).sum()
         for _ in range(refit):
@@ -178,6 +174,18 @@ class GPTQ:
                 best, best_err = (codes, scale, zero), err
         return best
 
+    def _problem(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the weight and Hessian with dead inputs (never non-zero in calibration) made harmless: their
+        Hessian diagonal set to 1 and their weight columns to 0."""
+        w = self.weight.clone()
+        h = self.h.clone()
+        if not torch.isfinite(h).all():
+            raise NumericsError(f"layer {self.name!r}: calibration activations contain NaN or Inf")
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+        return w, h
+
     def _quantize_once(
         self,
         grid: IntGrid,
@@ -189,14 +197,8 @@ class GPTQ:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One GPTQ pass; ``fixed``: use these ``scale``/``zero`` for every group instead of fitting them."""
         qparams = compute_qparams_mse if mse else compute_qparams
-        w = self.weight.clone()
+        w, h = self._problem()
         n_rows, k = w.shape
-        h = self.h.clone()
-        if not torch.isfinite(h).all():
-            raise NumericsError(f"layer {self.name!r}: calibration activations contain NaN or Inf")
-        dead = torch.diag(h) == 0
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
         gs = grid.group_size
         per_channel = IntGrid(grid.bits, grid.symmetric, None)
         if fixed is not None:
