@@ -22,8 +22,8 @@ What runs where (measured with ``bench/quantize_speed.py`` and ``bench/quantize_
   Measured on smollm2-135m shapes at one row with the weights coming from DRAM, as in a decode step
   (``bench/quantize_kernels.py gemv``, AMD EPYC Zen 1, 2 threads): int8 2.4-3.4x, int4 g64 2.3-3.1x, NF4 1.2-1.6x
   fp32 ``F.linear`` on the block shapes, 4.5x / 4.1x / 1.7x on the 49152 x 576 LM head; with the weight hot in
-  cache int8 is only level with fp32 (0.8-1.2x). Many rows (prefill) decode the weight to float32 in one C++ pass and run ``F.linear`` (no faster than
-  fp32: prefill is compute-bound and these layers multiply in float32).
+  cache int8 is only level with fp32 (0.8-1.2x). Many rows (prefill) decode the weight to float32 in one C++ pass
+  and run ``F.linear`` (no faster than fp32: prefill is compute-bound and these layers multiply in float32).
   Elsewhere, and for formats without a kernel (NF4, int3, ...), layers dequantize on the fly and claim no speed.
 
 >>> import torch

@@ -112,7 +112,7 @@ class QuantConfig(BaseModel):
     true_sequential: bool = True
     #: GPTQ: rounds of least-squares group-scale refits (the best scales for the codes under the layer's Hessian),
     #: each followed by a GPTQ pass with those scales held fixed; the result with the least calibration error is
-    #: kept. 0: the plain algorithm. Same measurement as above, 2 rounds: +35.4% -> +30.4% (1.9x the GPTQ time).
+    #: kept. 0: the plain algorithm. Same measurement as above, 2 rounds: +35.4% -> +30.4% (GPTQ took ~1.9x as long).
     scale_refit: int = Field(default=2, ge=0, le=10)
     # AWQ
     grid: int = Field(default=20, ge=1, le=1000)

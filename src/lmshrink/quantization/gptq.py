@@ -162,16 +162,14 @@ class GPTQ:
             return codes, scale, zero
         w, h = self._problem()
         best = (codes, scale, zero)
-        best_err = hessian_error(w, h, dequantize_codes(codes, scale, zero, grid)).sum()
+        best_err = hessian_error(w, h, dequantize_codes(*best, grid)).sum()
         for _ in range(refit):
-            scale = refit_scales(w, h, codes, scale, zero, grid)
-            err = hessian_error(w, h, dequantize_codes(codes, scale, zero, grid)).sum()
-            if err < best_err:
-                best, best_err = (codes, scale, zero), err
-            codes, scale, zero = self._quantize_once(grid, blocksize, percdamp, actorder, mse, (scale, zero))
-            err = hessian_error(w, h, dequantize_codes(codes, scale, zero, grid)).sum()
-            if err < best_err:
-                best, best_err = (codes, scale, zero), err
+            refitted = (codes, refit_scales(w, h, codes, scale, zero, grid), zero)
+            codes, scale, zero = self._quantize_once(grid, blocksize, percdamp, actorder, mse, refitted[1:])
+            for candidate in (refitted, (codes, scale, zero)):
+                err = hessian_error(w, h, dequantize_codes(*candidate, grid)).sum()
+                if err < best_err:
+                    best, best_err = candidate, err
         return best
 
     def _problem(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +199,8 @@ class GPTQ:
         n_rows, k = w.shape
         gs = grid.group_size
         per_channel = IntGrid(grid.bits, grid.symmetric, None)
+        # the group size when group scales are fitted as the loop reaches each group, else None
+        dyn_gs = gs if not actorder and fixed is None else None
         if fixed is not None:
             scale, zero = fixed
         elif gs is None or actorder:  # per-channel, or static groups (computed before permuting)
@@ -223,11 +223,12 @@ class GPTQ:
             hinv1 = hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 col = int(perm[i1 + i])
-                if (
-                    gs is not None and not actorder and fixed is None and col % gs == 0
-                ):  # dynamic group: fit on updated weights
-                    s, z = qparams(_group_cols(w, w1, err1, hinv, i1, i, gs), per_channel)
-                    scale[:, col // gs], zero[:, col // gs] = _round_scale(s, grid).flatten(), z.flatten()
+                if dyn_gs is not None and col % dyn_gs == 0:  # fit the group on the updated weights
+                    s, z = qparams(_group_cols(w, w1, err1, hinv, i1, i, dyn_gs), per_channel)
+                    scale[:, col // dyn_gs], zero[:, col // dyn_gs] = (
+                        _round_scale(s, grid).flatten(),
+                        z.flatten(),
+                    )
                 g = 0 if gs is None else col // gs
                 s_col, z_col = scale[:, g], zero[:, g]
                 wcol = w1[:, i]
@@ -308,11 +309,8 @@ def quantize_gptq(
     *,
     mse: bool = False,
     token_clip: float | None = None,
-    refit: int | None = None,
 ) -> None:
     """Handler for ``method="gptq"``: block by block, Hessians from the block's calibration inputs.
-
-    ``refit`` overrides the config's ``scale_refit`` (see :meth:`GPTQ.quantize`).
 
     ``mse`` (not a :class:`QuantConfig` field; for experiments): MSE-searched group clipping, see
     :meth:`GPTQ.quantize`. Layers outside the blocks then still get plain RTN. ``token_clip`` (also not a config
@@ -321,7 +319,6 @@ def quantize_gptq(
     assert calibration is not None  # checked by quantize_model
     spec = config.weight_spec()
     grid = IntGrid(spec.bits, spec.symmetric, spec.group_size)
-    refit = config.scale_refit if refit is None else refit
 
     def process(_index: int, block: nn.Module, block_layers: BlockLayers, inputs: list[BlockInput]) -> None:
         groups = (
@@ -332,11 +329,12 @@ def quantize_gptq(
             # true-sequential groups read one input tensor (sequential_groups): one Hessian serves them all
             watched = group[:1] if config.true_sequential else group
             feed_inputs(block, {rel: mod for _, rel, mod in watched}, inputs, partial(_add_batch, states))
+            first = states[watched[0][1]]
             for _full, rel, _mod in group[len(watched) :]:
-                states[rel].h, states[rel].n = states[watched[0][1]].h, states[watched[0][1]].n
+                states[rel].h, states[rel].n = first.h, first.n
             for _full, rel, mod in group:
                 codes, scale, zero = states[rel].quantize(
-                    grid, config.block_size, config.damp, config.act_order, mse, refit
+                    grid, config.block_size, config.damp, config.act_order, mse, config.scale_refit
                 )
                 bias = linear_weight_and_bias(mod)[1]
                 q = QuantLinear.from_codes(codes, scale, zero, spec, bias, act=config.act_mode)
