@@ -204,38 +204,20 @@ def default_group_size(model: nn.Module) -> int:
 
 
 def _direct(
-    cfg: dict[str, Any], mse: bool = False, token_clip: float | None = None
+    cfg: dict[str, Any], token_clip: float | None = None
 ) -> Callable[[nn.Module, list[dict[str, torch.Tensor]]], nn.Module]:
-    """RTN or GPTQ with options that are not QuantConfig fields, so the layers are quantized here directly:
-    ``mse``: the MSE-searched group clipping (``lmshrink.quantization.grid.compute_qparams_mse``, the GPTQ
-    reference's ``mse=True``; same search for RTN and GPTQ); ``token_clip`` (GPTQ): cap each calibration token's
-    Hessian share (``lmshrink.quantization.gptq.clip_token_energy``)."""
+    """GPTQ with ``token_clip``, an option that is not a QuantConfig field, so the layers are quantized here
+    directly: cap each calibration token's Hessian share (``lmshrink.quantization.gptq.clip_token_energy``)."""
 
     def build(model: nn.Module, calib: list[dict[str, torch.Tensor]]) -> nn.Module:
-        from lmshrink.models.arch import select_linears, set_submodule
+        from lmshrink.models.arch import select_linears
         from lmshrink.quantization.config import QuantConfig
         from lmshrink.quantization.gptq import quantize_gptq
-        from lmshrink.quantization.grid import IntGrid, compute_qparams_mse, quantize_codes
-        from lmshrink.quantization.linear import QuantLinear, linear_weight_and_bias
 
         qc = QuantConfig(**cfg)
         layers = list(select_linears(model, qc.targets, qc.skip))
-        spec = qc.weight_spec()
-        grid = IntGrid(spec.bits, spec.symmetric, spec.group_size)
         with torch.no_grad():
-            if qc.method == "gptq":
-                quantize_gptq(model, qc, layers, calib, mse=mse, token_clip=token_clip)
-            elif not mse:
-                from lmshrink.quantization.rtn import quantize_rtn
-
-                quantize_rtn(model, qc, layers)
-            else:
-                for name, mod in layers:
-                    w, b = linear_weight_and_bias(mod)
-                    scale, zero = compute_qparams_mse(w.float(), grid)
-                    codes = quantize_codes(w, scale, zero, grid)
-                    q = QuantLinear.from_codes(codes, scale, zero, spec, b, act=qc.act_mode)
-                    set_submodule(model, name, q.to(w.device))
+            quantize_gptq(model, qc, layers, calib, token_clip=token_clip)
         model.lmshrink_format = "quantized"  # type: ignore[assignment]
         model.lmshrink_quant_config = qc.model_dump(mode="json")  # type: ignore[assignment]
         return model
@@ -270,15 +252,7 @@ def make_rows(
             f"int4{key}-{g}-{method}{mse}",
             f"int4{label} {g_label} {name}{' MSE-clip' if mse else ''}",
             "W4",
-            (
-                _direct(
-                    {**extra, "format": f"int4{key}", "group_size": gs},
-                    bool(mse),
-                    token_clip if method == "gptq" else None,
-                )
-                if mse or (token_clip is not None and method == "gptq")
-                else _lmshrink({**extra, "format": f"int4{key}", "group_size": gs})
-            ),
+            _direct(cfg, token_clip) if token_clip is not None and method == "gptq" else _lmshrink(cfg),
             needs_calibration=method != "rtn",
             default=g != "pc" and not mse,
         )
@@ -291,6 +265,9 @@ def make_rows(
             ("awq", "AWQ", {"method": "awq"}),
         )
         if not (mse and method == "awq")
+        for cfg in [
+            {**extra, "format": f"int4{key}", "group_size": gs} | ({"clip_search": True} if mse else {})
+        ]
     ]
     return [
         Row("bf16", "bf16 (all weights and activations)", "16", _bf16, save_flat_safetensors),
@@ -473,6 +450,11 @@ def _kernels(model: nn.Module) -> list[str]:
     return sorted({m.kernel_name for m in model.modules() if isinstance(m, QuantLinear)})
 
 
+def _kl(kl: float) -> str:
+    """KL to 4 decimals, or 3 significant digits below 0.01 (float-llama's rows differ in the fifth decimal)."""
+    return f"{kl:.4f}" if not 0 < kl < 0.01 else f"{kl:.3g}"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     ev = doc["evaluation"]
     lines = [
@@ -505,7 +487,7 @@ def markdown(doc: dict[str, Any]) -> str:
                     r["bits"],
                     f"{q.get('perplexity', math.nan):.3f}",
                     f"{q.get('delta_pct', math.nan):+.2f}",
-                    f"{q.get('kl_mean', math.nan):.4f}",
+                    _kl(q.get("kl_mean", math.nan)),
                     f"{q.get('top1_agreement', math.nan):.3f}",
                     f"{r['bytes_on_disk'] / 1e6:.1f}",
                     {"fp32": "32", "bf16": "16"}.get(r["key"], f"{bpw:.2f}"),
@@ -723,7 +705,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         "title": f"Quantization accuracy, {label}, WikiText-2 test (GPTQ protocol), {device.type.upper()}",
         "model": label,
         "model_spec": spec,
-        "command": "OMP_NUM_THREADS=1 python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+        "command": " ".join([".venv/bin/python", sys.argv[0], *(argv or sys.argv[1:])]),
         "group_size": group,
         "group_size_rule": "128 when it divides every selected input dimension, else the largest power of 2 below",
         "calibration": settings["calibration"],

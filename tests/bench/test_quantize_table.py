@@ -83,3 +83,21 @@ def test_cached_row_reloads_bit_identically_and_rebuilds_on_other_settings(tiny_
         assert torch.equal(first(ids).logits, again(ids).logits)
     _, hit3 = cached_build(row, copy.deepcopy(tiny_llama), [], tmp_path, {"code_fingerprint": "new"})
     assert not hit3 and len(built) == 2
+
+
+def test_mse_rows_are_the_library_clip_search(tiny_llama) -> None:
+    from quantize_table import make_rows
+
+    from lmshrink.quantization.grid import IntGrid, compute_qparams_mse, dequantize_codes, quantize_codes
+
+    rows = {r.key: r for r in make_rows(32, act_order=True)}
+    assert {"int4-g32-gptq-mse", "int4-asym-g32-rtn-mse"} <= set(rows)
+    assert not rows["int4-g32-gptq-mse"].default and rows["int4-g32-gptq"].default
+    w = tiny_llama.model.layers[0].mlp.down_proj.weight.detach().clone()
+    model = rows["int4-asym-g32-rtn-mse"].build(copy.deepcopy(tiny_llama), [])
+    assert model.lmshrink_quant_config["clip_search"] is True
+    grid = IntGrid(4, False, 32)
+    scale, zero = compute_qparams_mse(w, grid)
+    expected = dequantize_codes(quantize_codes(w, scale, zero, grid), scale, zero, grid)
+    got = model.model.layers[0].mlp.down_proj.dequantize_weight()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

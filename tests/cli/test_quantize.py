@@ -39,6 +39,7 @@ def fake_sources(monkeypatch: pytest.MonkeyPatch, tiny_llama) -> None:
             "0",
         ],
         ["--method", "smoothquant", "--format", "int8"],
+        ["--method", "rtn", "--format", "int4-asym", "--group-size", "32", "--clip-search"],
     ],
 )
 def test_quantize_writes_a_loadable_directory(tmp_path: Path, fake_sources, args: list[str], capsys) -> None:
@@ -59,6 +60,8 @@ def test_quantize_writes_a_loadable_directory(tmp_path: Path, fake_sources, args
         (["--format", "int4", "--group-size", "48"], "does not divide"),
         (["--format", "int17"], "bits must be in 2..8"),
         (["--method", "gptq", "--format", "int4", "--scale-refit", "-1"], "scale_refit"),
+        (["--method", "awq", "--format", "int4", "--clip-search"], "clip_search applies to methods"),
+        (["--method", "rtn", "--format", "nf4", "--clip-search"], "clip_search applies to methods"),
     ],
 )
 def test_bad_input_exits_2_without_output(tmp_path: Path, fake_sources, args, message, capsys) -> None:

@@ -138,3 +138,69 @@ def test_gptq_refit_lowers_the_calibration_error_and_keeps_codes_on_grid(symmetr
         assert torch.equal(scale, scale.half().float())  # grouped scales as stored (float16)
         errs.append(float(hessian_error(w, q.h, dequantize_codes(codes, scale, zero, grid)).sum()))
     assert errs[1] < 0.99 * errs[0]
+
+
+# --------------------------------------------------------------------------- QuantConfig.clip_search
+
+
+def test_clip_search_is_for_rtn_and_gptq_integer_grids_only() -> None:
+    from lmshrink.errors import LmshrinkError
+    from lmshrink.quantization.config import QuantConfig
+
+    assert QuantConfig(method="gptq", format="int4", group_size=64, clip_search=True).clip_search
+    assert not QuantConfig(method="gptq", format="int4").clip_search  # off by default
+    for bad in (
+        {"method": "awq", "format": "int4"},
+        {"method": "rtn", "format": "nf4"},
+        {"method": "llm-int8"},
+    ):
+        with pytest.raises(LmshrinkError, match="clip_search applies to methods 'rtn' and 'gptq'"):
+            QuantConfig(**bad, clip_search=True)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4-asym", "int3"])
+def test_rtn_clip_search_uses_the_searched_range_and_lowers_the_weight_error(fmt: str) -> None:
+    from lmshrink.quantization.config import QuantConfig
+    from lmshrink.quantization.rtn import quantize_layer
+
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(64, 24)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(24, 64, generator=g) * torch.rand(24, 1, generator=g))
+        lin.weight[5, 9] = 6.0
+    plain = quantize_layer(lin, QuantConfig(format=fmt, group_size=16))
+    searched = quantize_layer(lin, QuantConfig(format=fmt, group_size=16, clip_search=True))
+    cfg = QuantConfig(format=fmt, group_size=16)
+    spec = cfg.weight_spec()
+    grid = IntGrid(spec.bits, spec.symmetric, 16)
+    scale, zero = compute_qparams_mse(lin.weight.detach(), grid)
+    expected = dequantize_codes(quantize_codes(lin.weight.detach(), scale, zero, grid), scale, zero, grid)
+    w_plain, w_searched = plain.dequantize_weight(), searched.dequantize_weight()
+    torch.testing.assert_close(w_searched, expected, rtol=0, atol=1e-6)
+    err = {k: (v - lin.weight.detach()).abs().pow(2.4).sum() for k, v in (("p", w_plain), ("s", w_searched))}
+    assert err["s"] < 0.95 * err["p"]
+    x = torch.randn(8, 64, generator=g)  # the layer computes with the searched weight
+    torch.testing.assert_close(searched(x), x @ expected.t() + lin.bias.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_clip_search_reaches_the_layer_search(monkeypatch: pytest.MonkeyPatch, make_tiny_llama) -> None:
+    from lmshrink.quantization import quantize_model
+    from lmshrink.quantization.config import QuantConfig
+
+    seen: list[bool] = []
+    original = GPTQ.quantize
+
+    def spy(
+        self: GPTQ, grid: IntGrid, blocksize: int, percdamp: float, actorder: bool, mse: bool, refit: int
+    ):
+        seen.append(mse)
+        return original(self, grid, blocksize, percdamp, actorder, mse, refit)
+
+    monkeypatch.setattr(GPTQ, "quantize", spy)
+    for flag in (False, True):
+        model = make_tiny_llama()
+        batches = [{"input_ids": torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))}]
+        cfg = QuantConfig(method="gptq", format="int4", group_size=32, clip_search=flag, scale_refit=0)
+        quantize_model(model, cfg, batches)
+        assert seen and set(seen) == {flag}
+        seen.clear()

@@ -87,6 +87,11 @@ def quantize(
     scale_refit: int = typer.Option(
         2, "--scale-refit", help="GPTQ: rounds of least-squares group-scale refits"
     ),
+    clip_search: bool = typer.Option(
+        False,
+        "--clip-search/--no-clip-search",
+        help="RTN/GPTQ integer grids: search each group's clipping range (MSE) instead of min/max",
+    ),
     alpha: str = typer.Option("auto", help="SmoothQuant migration strength in [0, 1], or 'auto' (searched)"),
     threshold: float = typer.Option(6.0, help="LLM.int8() outlier threshold"),
     activations: str = typer.Option("auto", help="auto | int8 | float"),
@@ -98,7 +103,7 @@ def quantize(
 
     cfg = QuantConfig(
         method=method, format=format, group_size=group_size, act_order=act_order, true_sequential=true_sequential,
-        scale_refit=scale_refit, alpha=alpha if alpha == "auto" else _float(alpha, "--alpha"),
+        scale_refit=scale_refit, clip_search=clip_search, alpha=alpha if alpha == "auto" else _float(alpha, "--alpha"),
         threshold=threshold, activations=activations,
         calibration={"dataset": calib, "n_samples": n_samples, "seq_len": seq_len, "seed": seed},
     )  # fmt: skip

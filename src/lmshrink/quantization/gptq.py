@@ -307,14 +307,13 @@ def quantize_gptq(
     layers: list[tuple[str, nn.Module]],
     calibration: Batches | None,
     *,
-    mse: bool = False,
     token_clip: float | None = None,
 ) -> None:
     """Handler for ``method="gptq"``: block by block, Hessians from the block's calibration inputs.
 
-    ``mse`` (not a :class:`QuantConfig` field; for experiments): MSE-searched group clipping, see
-    :meth:`GPTQ.quantize`. Layers outside the blocks then still get plain RTN. ``token_clip`` (also not a config
-    field): cap each calibration token's share of the Hessian, see :func:`clip_token_energy`.
+    ``config.clip_search``: MSE-searched group clipping, see :meth:`GPTQ.quantize` (layers outside the blocks get
+    RTN with the same search). ``token_clip`` (not a config field; for experiments): cap each calibration token's
+    share of the Hessian, see :func:`clip_token_energy`.
     """
     assert calibration is not None  # checked by quantize_model
     spec = config.weight_spec()
@@ -334,7 +333,12 @@ def quantize_gptq(
                 states[rel].h, states[rel].n = first.h, first.n
             for _full, rel, mod in group:
                 codes, scale, zero = states[rel].quantize(
-                    grid, config.block_size, config.damp, config.act_order, mse, config.scale_refit
+                    grid,
+                    config.block_size,
+                    config.damp,
+                    config.act_order,
+                    config.clip_search,
+                    config.scale_refit,
                 )
                 bias = linear_weight_and_bias(mod)[1]
                 q = QuantLinear.from_codes(codes, scale, zero, spec, bias, act=config.act_mode)

@@ -2,6 +2,7 @@
 
 >>> import torch
 >>> from lmshrink.quantization.config import QuantConfig
+from lmshrink.quantization.grid import IntGrid, compute_qparams_mse, quantize_codes
 >>> lin = torch.nn.Linear(16, 8)
 >>> q = quantize_layer(lin, QuantConfig(format="int4", group_size=8))
 >>> q.kernel_name
@@ -14,16 +15,24 @@ from torch import nn
 
 from lmshrink.models.arch import set_submodule
 from lmshrink.quantization.config import QuantConfig
+from lmshrink.quantization.grid import IntGrid, compute_qparams_mse, quantize_codes
 from lmshrink.quantization.linear import QuantLinear, linear_weight_and_bias
 
 
 def quantize_layer(
     module: nn.Module, config: QuantConfig, threshold: float | None = None, input_scale: bool = False
 ) -> QuantLinear:
-    """RTN-quantize one ``nn.Linear``/``Conv1D`` into a :class:`QuantLinear` per ``config``."""
+    """RTN-quantize one ``nn.Linear``/``Conv1D`` into a :class:`QuantLinear` per ``config`` (with
+    ``config.clip_search``, on the clipping range :func:`~lmshrink.quantization.grid.compute_qparams_mse` finds)."""
     w, b = linear_weight_and_bias(module)
+    spec = config.weight_spec()
+    if config.clip_search:
+        grid = IntGrid(spec.bits, spec.symmetric, spec.group_size)
+        scale, zero = compute_qparams_mse(w.float(), grid)
+        codes = quantize_codes(w, scale, zero, grid)
+        return QuantLinear.from_codes(codes, scale, zero, spec, b, act=config.act_mode).to(w.device)
     return QuantLinear.from_weight(
-        w, b, config.weight_spec(), act=config.act_mode, threshold=threshold, input_scale=input_scale
+        w, b, spec, act=config.act_mode, threshold=threshold, input_scale=input_scale
     ).to(w.device)
 
 
