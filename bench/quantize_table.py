@@ -233,8 +233,8 @@ def make_rows(
     token_clip: float | None = None,
     scale_refit: int = 2,
 ) -> list[Row]:
-    """Every row. int4 rows come per group size (``g<group>``) and per channel (``pc``), each also with the
-    MSE-searched clipping (``-mse`` suffix; same search for RTN and GPTQ)."""
+    """Every row. int4 rows come per group size (``g<group>``) and per channel (``pc``), each also with
+    ``clip_search`` (``-mse`` suffix: the MSE-searched clipping for RTN and GPTQ, AWQ's own clip search for AWQ)."""
     ao = " (act-order)" if act_order else ""
     ts = ", true-sequential" if true_sequential else ""
     ts += f", {scale_refit} scale refits" if scale_refit else ""
@@ -250,7 +250,7 @@ def make_rows(
     int4_rows = [
         Row(
             f"int4{key}-{g}-{method}{mse}",
-            f"int4{label} {g_label} {name}{' MSE-clip' if mse else ''}",
+            f"int4{label} {g_label} {name}{(' clip search' if method == 'awq' else ' MSE-clip') if mse else ''}",
             "W4",
             _direct(cfg, token_clip) if token_clip is not None and method == "gptq" else _lmshrink(cfg),
             needs_calibration=method != "rtn",
@@ -264,7 +264,6 @@ def make_rows(
             ("gptq", "GPTQ" + ao + ts + dp, gptq_opts),
             ("awq", "AWQ", {"method": "awq"}),
         )
-        if not (mse and method == "awq")
         for cfg in [
             {**extra, "format": f"int4{key}", "group_size": gs} | ({"clip_search": True} if mse else {})
         ]

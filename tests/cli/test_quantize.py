@@ -60,7 +60,7 @@ def test_quantize_writes_a_loadable_directory(tmp_path: Path, fake_sources, args
         (["--format", "int4", "--group-size", "48"], "does not divide"),
         (["--format", "int17"], "bits must be in 2..8"),
         (["--method", "gptq", "--format", "int4", "--scale-refit", "-1"], "scale_refit"),
-        (["--method", "awq", "--format", "int4", "--clip-search"], "clip_search applies to methods"),
+        (["--method", "smoothquant", "--format", "int8", "--clip-search"], "clip_search applies to methods"),
         (["--method", "rtn", "--format", "nf4", "--clip-search"], "clip_search applies to methods"),
     ],
 )

@@ -143,18 +143,15 @@ def test_gptq_refit_lowers_the_calibration_error_and_keeps_codes_on_grid(symmetr
 # --------------------------------------------------------------------------- QuantConfig.clip_search
 
 
-def test_clip_search_is_for_rtn_and_gptq_integer_grids_only() -> None:
+def test_clip_search_is_for_rtn_gptq_and_awq_integer_grids_only() -> None:
     from lmshrink.errors import LmshrinkError
     from lmshrink.quantization.config import QuantConfig
 
     assert QuantConfig(method="gptq", format="int4", group_size=64, clip_search=True).clip_search
-    assert not QuantConfig(method="gptq", format="int4").clip_search  # off by default
-    for bad in (
-        {"method": "awq", "format": "int4"},
-        {"method": "rtn", "format": "nf4"},
-        {"method": "llm-int8"},
-    ):
-        with pytest.raises(LmshrinkError, match="clip_search applies to methods 'rtn' and 'gptq'"):
+    assert not QuantConfig(method="gptq", format="int4").clip_search_on  # off by default
+    assert QuantConfig(method="awq", format="int4", clip_search=True).clip_search_on
+    for bad in ({"method": "smoothquant"}, {"method": "rtn", "format": "nf4"}, {"method": "llm-int8"}):
+        with pytest.raises(LmshrinkError, match="clip_search applies to methods 'rtn', 'gptq' and 'awq'"):
             QuantConfig(**bad, clip_search=True)
 
 

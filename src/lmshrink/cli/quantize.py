@@ -87,10 +87,11 @@ def quantize(
     scale_refit: int = typer.Option(
         2, "--scale-refit", help="GPTQ: rounds of least-squares group-scale refits"
     ),
-    clip_search: bool = typer.Option(
-        False,
+    clip_search: bool | None = typer.Option(
+        None,
         "--clip-search/--no-clip-search",
-        help="RTN/GPTQ integer grids: search each group's clipping range (MSE) instead of min/max",
+        help="RTN/GPTQ/AWQ integer grids: search each group's clipping range (default: the method's default)",
+        show_default=False,
     ),
     alpha: str = typer.Option("auto", help="SmoothQuant migration strength in [0, 1], or 'auto' (searched)"),
     threshold: float = typer.Option(6.0, help="LLM.int8() outlier threshold"),

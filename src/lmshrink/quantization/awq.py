@@ -166,27 +166,82 @@ def search_scale(
     return best_s
 
 
+#: The clip search leaves the query/key projections alone: their error passes through ``q k^T``, which a layer's
+#: own output error does not measure (the reference implementation skips them too).
+CLIP_SKIP = ("q_proj", "k_proj", "query", "key", "c_attn", "Wqkv")
+
+
+def search_clip(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    grid: IntGrid,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    max_rows: int = 512,
+) -> torch.Tensor:
+    """AWQ's clip search: for every (output row, group) of ``w`` (N, K), the clipping value ``max|w| * (1 - i /
+    n_grid)``, ``i < max_shrink * n_grid``, whose quantized group gives the least squared error of that group's
+    part of the output ``x_g w_g^T`` on ``x`` (T, K; at most ``max_rows`` evenly spaced rows are used). Returns
+    (N, n_groups) values; ``i = 0`` (no clipping) is a candidate, so no group's output error grows."""
+    n, k = w.shape
+    gs = k if grid.group_size is None else grid.group_size
+    g = k // gs
+    if x.shape[0] > max_rows:
+        x = x[torch.linspace(0, x.shape[0] - 1, max_rows).round().long()]
+    xg = x.float().reshape(-1, g, gs).transpose(0, 1)  # (G, T, gs)
+    wg = w.float().reshape(n, g, gs).transpose(0, 1)  # (G, N, gs)
+    ref = torch.bmm(xg, wg.transpose(1, 2))  # (G, T, N): each group's share of the output
+    amax = wg.abs().amax(-1)  # (G, N)
+    best, best_err = amax.clone(), torch.full_like(amax, float("inf"))
+    for i in range(max(1, int(max_shrink * n_grid))):
+        mv = (amax * (1 - i / n_grid))[..., None]
+        clipped = torch.maximum(torch.minimum(wg, mv), -mv).transpose(0, 1).reshape(n, k)
+        q = fake_quantize(clipped, grid).reshape(n, g, gs).transpose(0, 1)
+        err = (torch.bmm(xg, q.transpose(1, 2)) - ref).pow(2).mean(1)  # (G, N)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, mv[..., 0], best)
+    return best.t().contiguous()
+
+
+def apply_clip(w: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
+    """``w`` (N, K) clamped to ``[-max_val, max_val]`` per (row, group); ``max_val`` is (N, n_groups)."""
+    n, k = w.shape
+    mv = max_val.to(w.dtype).reshape(n, -1, 1)
+    return torch.maximum(torch.minimum(w.reshape(n, mv.shape[1], -1), mv), -mv).reshape(n, k)
+
+
 def quantize_awq(
     model: nn.Module, config: QuantConfig, layers: list[tuple[str, nn.Module]], calibration: Batches | None
 ) -> None:
-    """Handler for ``method="awq"``: per block, search and fold scales, then round the scaled weights."""
+    """Handler for ``method="awq"``: per block, search and fold scales, then (``config.clip_search_on``) search
+    each group's clipping value on the scaled inputs (:func:`search_clip`), then round the scaled weights."""
     assert calibration is not None
     spec = config.weight_spec()
     grid = IntGrid(spec.bits, spec.symmetric, spec.group_size)
+    clip = config.clip_search_on and grid.group_size != 0
 
     def process(_index: int, block: nn.Module, block_layers: BlockLayers, inputs: list[BlockInput]) -> None:
         stats = collect_stats(block, block_layers, inputs, MAX_SAMPLE_ROWS)
         mods = {rel: m for _, rel, m in block_layers}
         applied, loose = plan_mappings(block, list(mods))
+        folded: dict[str, torch.Tensor] = {}  # layer -> the scale its input is now divided by
         for mp, _kind in applied:
             ws = [linear_weight_and_bias(mods[n])[0] for n in mp.layers]
             s = search_scale(stats[mp.layers[0]].sample(), ws, grid, config.grid)
             fold_scale(block.get_submodule(mp.prev), [mods[n] for n in mp.layers], s)
+            folded.update(dict.fromkeys(mp.layers, s))
         for rel, mod in mods.items():
             w, b = linear_weight_and_bias(mod)
             s_loose: torch.Tensor | None = (
                 search_scale(stats[rel].sample(), [w], grid, config.grid) if rel in loose else None
             )
+            if clip and not any(part in rel.split(".")[-1] for part in CLIP_SKIP):
+                s_in = folded.get(rel, s_loose)
+                x = stats[rel].sample()
+                w_eff = w if s_loose is None else w * s_loose
+                w_eff = apply_clip(w_eff, search_clip(x if s_in is None else x / s_in, w_eff, grid))
+                w = w_eff if s_loose is None else w_eff / s_loose
             replace_with_quantized(block, rel, w, b, spec, config.act_mode, s_loose)
 
     quantize_outside_blocks(model, config, for_each_block(model, layers, calibration, process))

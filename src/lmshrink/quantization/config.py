@@ -114,13 +114,15 @@ class QuantConfig(BaseModel):
     #: each followed by a GPTQ pass with those scales held fixed; the result with the least calibration error is
     #: kept. 0: the plain algorithm. Same measurement as above, 2 rounds: +35.4% -> +30.4% (GPTQ took ~1.9x as long).
     scale_refit: int = Field(default=2, ge=0, le=10)
-    #: RTN and GPTQ on integer grids: search each group's clipping range (the GPTQ reference's ``mse=True``:
-    #: shrink ``[min, max]`` by 1.00, 0.99, ..., 0.21, keep the least ``sum |w - w_hat|^2.4``) instead of plain
-    #: min/max. Off by default: measured on smollm2-135m int4 g64 (8,188 WikiText-2 tokens, C4 32 x 512) it helps
-    #: GPTQ (+27.7% -> +27.2% ppl, KL 0.264 -> 0.231; asymmetric +18.7% -> +16.4%) and symmetric RTN (+49.1% ->
-    #: +43.7%) but hurts asymmetric RTN (+31.6% -> +37.6%), and on a float-trained model it is mixed
-    #: (bench/results/quantize_table_*_mse*.md).
-    clip_search: bool = False
+    #: Search each group's clipping range on integer grids. RTN and GPTQ: the GPTQ reference's ``mse=True`` (shrink
+    #: ``[min, max]`` by 1.00, 0.99, ..., 0.21, keep the least ``sum |w - w_hat|^2.4``); measured on smollm2-135m
+    #: int4 g64 (8,188 WikiText-2 tokens, C4 32 x 512) it helps GPTQ (+27.7% -> +27.2% ppl, KL 0.264 -> 0.231;
+    #: asymmetric +18.7% -> +16.4%) and symmetric RTN (+49.1% -> +43.7%) but hurts asymmetric RTN (+31.6% ->
+    #: +37.6%), and on a float-trained model it is mixed (bench/results/quantize_table_*_mse*.md), so it is off
+    #: for them by default. AWQ: the AWQ reference's clip search (each group's clipping value by its share of the
+    #: layer's output error on the scaled calibration inputs; q/k projections skipped).
+    #: None: the method's default (:attr:`clip_search_on`).
+    clip_search: bool | None = None
     # AWQ
     grid: int = Field(default=20, ge=1, le=1000)
     # SmoothQuant
@@ -181,10 +183,10 @@ class QuantConfig(BaseModel):
             raise LmshrinkError(
                 f"method {self.method!r} needs an integer format (int2..int8, intN-asym), got {self.format!r}"
             )
-        if self.clip_search and not (self.method in ("rtn", "gptq") and spec.is_integer):
+        if self.clip_search and not (self.method in ("rtn", "gptq", "awq") and spec.is_integer):
             raise LmshrinkError(
-                "clip_search applies to methods 'rtn' and 'gptq' with an integer format (int2..int8, intN-asym), "
-                f"got method {self.method!r} with format {self.format!r}"
+                "clip_search applies to methods 'rtn', 'gptq' and 'awq' with an integer format (int2..int8, "
+                f"intN-asym), got method {self.method!r} with format {self.format!r}"
             )
         if self.float_activations and self.method != "smoothquant":
             raise LmshrinkError(
@@ -202,6 +204,11 @@ class QuantConfig(BaseModel):
         if self.activations != "auto":
             return self.activations
         return "int8" if self.method in ("smoothquant", "llm-int8") else "float"
+
+    @property
+    def clip_search_on(self) -> bool:
+        """Whether the clipping search runs: ``clip_search``, or when unset the method's default (off)."""
+        return bool(self.clip_search)
 
     @property
     def needs_calibration(self) -> bool:
