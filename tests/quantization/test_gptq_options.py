@@ -148,8 +148,8 @@ def test_clip_search_is_for_rtn_gptq_and_awq_integer_grids_only() -> None:
     from lmshrink.quantization.config import QuantConfig
 
     assert QuantConfig(method="gptq", format="int4", group_size=64, clip_search=True).clip_search
-    assert not QuantConfig(method="gptq", format="int4").clip_search_on  # off by default
-    assert QuantConfig(method="awq", format="int4", clip_search=True).clip_search_on
+    assert not QuantConfig(method="gptq", format="int4").clip_search  # off by default
+    assert QuantConfig(method="awq", format="int4", clip_search=True).clip_search
     for bad in ({"method": "smoothquant"}, {"method": "rtn", "format": "nf4"}, {"method": "llm-int8"}):
         with pytest.raises(LmshrinkError, match="clip_search applies to methods 'rtn', 'gptq' and 'awq'"):
             QuantConfig(**bad, clip_search=True)

@@ -87,11 +87,10 @@ def quantize(
     scale_refit: int = typer.Option(
         2, "--scale-refit", help="GPTQ: rounds of least-squares group-scale refits"
     ),
-    clip_search: bool | None = typer.Option(
-        None,
+    clip_search: bool = typer.Option(
+        False,
         "--clip-search/--no-clip-search",
-        help="RTN/GPTQ/AWQ integer grids: search each group's clipping range (default: the method's default)",
-        show_default=False,
+        help="RTN/GPTQ/AWQ integer grids: search each group's clipping range instead of min/max",
     ),
     alpha: str = typer.Option("auto", help="SmoothQuant migration strength in [0, 1], or 'auto' (searched)"),
     threshold: float = typer.Option(6.0, help="LLM.int8() outlier threshold"),

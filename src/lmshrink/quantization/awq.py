@@ -214,12 +214,12 @@ def apply_clip(w: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
 def quantize_awq(
     model: nn.Module, config: QuantConfig, layers: list[tuple[str, nn.Module]], calibration: Batches | None
 ) -> None:
-    """Handler for ``method="awq"``: per block, search and fold scales, then (``config.clip_search_on``) search
+    """Handler for ``method="awq"``: per block, search and fold scales, then (``config.clip_search``) search
     each group's clipping value on the scaled inputs (:func:`search_clip`), then round the scaled weights."""
     assert calibration is not None
     spec = config.weight_spec()
     grid = IntGrid(spec.bits, spec.symmetric, spec.group_size)
-    clip = config.clip_search_on and grid.group_size != 0
+    clip = config.clip_search and grid.group_size != 0
 
     def process(_index: int, block: nn.Module, block_layers: BlockLayers, inputs: list[BlockInput]) -> None:
         stats = collect_stats(block, block_layers, inputs, MAX_SAMPLE_ROWS)

@@ -311,7 +311,7 @@ def quantize_gptq(
 ) -> None:
     """Handler for ``method="gptq"``: block by block, Hessians from the block's calibration inputs.
 
-    ``config.clip_search_on``: MSE-searched group clipping, see :meth:`GPTQ.quantize` (layers outside the blocks get
+    ``config.clip_search``: MSE-searched group clipping, see :meth:`GPTQ.quantize` (layers outside the blocks get
     RTN with the same search). ``token_clip`` (not a config field; for experiments): cap each calibration token's
     share of the Hessian, see :func:`clip_token_energy`.
     """
@@ -337,7 +337,7 @@ def quantize_gptq(
                     config.block_size,
                     config.damp,
                     config.act_order,
-                    config.clip_search_on,
+                    config.clip_search,
                     config.scale_refit,
                 )
                 bias = linear_weight_and_bias(mod)[1]

@@ -23,10 +23,10 @@ def quantize_layer(
     module: nn.Module, config: QuantConfig, threshold: float | None = None, input_scale: bool = False
 ) -> QuantLinear:
     """RTN-quantize one ``nn.Linear``/``Conv1D`` into a :class:`QuantLinear` per ``config`` (with
-    ``config.clip_search_on``, on the clipping range :func:`~lmshrink.quantization.grid.compute_qparams_mse` finds)."""
+    ``config.clip_search``, on the clipping range :func:`~lmshrink.quantization.grid.compute_qparams_mse` finds)."""
     w, b = linear_weight_and_bias(module)
     spec = config.weight_spec()
-    if config.clip_search_on:
+    if config.clip_search:
         grid = IntGrid(spec.bits, spec.symmetric, spec.group_size)
         scale, zero = compute_qparams_mse(w.float(), grid)
         codes = quantize_codes(w, scale, zero, grid)
