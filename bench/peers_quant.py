@@ -415,6 +415,15 @@ ROWS: list[Row] = [
         needs=LM,
     ),
     Row(
+        "lmshrink-int4-asym-awq-clip",
+        "lmshrink",
+        f"AWQ int4-asym g{GROUP}, clip search",
+        "W4",
+        lmshrink(method="awq", format="int4-asym", group_size=GROUP, clip_search=True),
+        save_lmshrink_or_flat,
+        needs=LM,
+    ),
+    Row(
         "lmshrink-nf4",
         "lmshrink",
         f"RTN NF4 g{GROUP}",
