@@ -33,7 +33,7 @@ from lmshrink.errors import LmshrinkError
 from lmshrink.kernels import cpu as cpu_kernels
 from lmshrink.kernels import cuda as cuda_kernels
 from lmshrink.quantization.config import WeightSpec
-from lmshrink.quantization.grid import IntGrid, compute_qparams, quantize_codes
+from lmshrink.quantization.grid import IntGrid, compute_qparams, compute_qparams_mse, quantize_codes
 
 ACT_MODES = ("float", "int8")
 _TINYGEMM_GROUPS = (32, 64, 128, 256)
@@ -185,13 +185,23 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_weight(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None, spec: WeightSpec, **kwargs: Any
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        spec: WeightSpec,
+        clip_search: bool = False,
+        **kwargs: Any,
     ) -> QuantLinear:
-        """Round-to-nearest quantization of a float weight (N, K) into packed storage."""
+        """Round-to-nearest quantization of a float weight (N, K) into packed storage; ``clip_search`` (integer
+        grids): each group's range from :func:`~lmshrink.quantization.grid.compute_qparams_mse`, not min/max."""
         w = weight.detach().float()
+        if clip_search and not spec.is_integer:
+            raise LmshrinkError(
+                f"clip_search needs an integer format (int2..int8, intN-asym), got {spec.format!r}"
+            )
         if spec.is_integer:
             grid = IntGrid(spec.bits, spec.symmetric, spec.group_size)
-            scale, zero = compute_qparams(w, grid)
+            scale, zero = (compute_qparams_mse if clip_search else compute_qparams)(w, grid)
             if spec.group_size is not None:  # stored in float16: quantize against the stored scale
                 scale = scale.to(torch.float16).float()
             return cls.from_codes(quantize_codes(w, scale, zero, grid), scale, zero, spec, bias, **kwargs)

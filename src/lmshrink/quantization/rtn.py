@@ -2,7 +2,6 @@
 
 >>> import torch
 >>> from lmshrink.quantization.config import QuantConfig
-from lmshrink.quantization.grid import IntGrid, compute_qparams_mse, quantize_codes
 >>> lin = torch.nn.Linear(16, 8)
 >>> q = quantize_layer(lin, QuantConfig(format="int4", group_size=8))
 >>> q.kernel_name
@@ -15,7 +14,6 @@ from torch import nn
 
 from lmshrink.models.arch import set_submodule
 from lmshrink.quantization.config import QuantConfig
-from lmshrink.quantization.grid import IntGrid, compute_qparams_mse, quantize_codes
 from lmshrink.quantization.linear import QuantLinear, linear_weight_and_bias
 
 
@@ -25,14 +23,14 @@ def quantize_layer(
     """RTN-quantize one ``nn.Linear``/``Conv1D`` into a :class:`QuantLinear` per ``config`` (with
     ``config.clip_search``, on the clipping range :func:`~lmshrink.quantization.grid.compute_qparams_mse` finds)."""
     w, b = linear_weight_and_bias(module)
-    spec = config.weight_spec()
-    if config.clip_search:
-        grid = IntGrid(spec.bits, spec.symmetric, spec.group_size)
-        scale, zero = compute_qparams_mse(w.float(), grid)
-        codes = quantize_codes(w, scale, zero, grid)
-        return QuantLinear.from_codes(codes, scale, zero, spec, b, act=config.act_mode).to(w.device)
     return QuantLinear.from_weight(
-        w, b, spec, act=config.act_mode, threshold=threshold, input_scale=input_scale
+        w,
+        b,
+        config.weight_spec(),
+        clip_search=config.clip_search,
+        act=config.act_mode,
+        threshold=threshold,
+        input_scale=input_scale,
     ).to(w.device)
 
 
