@@ -114,7 +114,7 @@ def bench_kernels(repeats: int) -> dict[str, Any]:
             print(f"   errors: {errs}", flush=True)
     return {
         "rows": rows,
-        "reduce_range_needed": cpu_kernels.needs_reduce_range(),
+        "int8_pairs_saturate": cpu_kernels.int8_pairs_saturate(),
         "amx_int8": cpu_kernels.amx_int8_available(),
         "lmshrink_kernel": q8.kernel_name,
     }

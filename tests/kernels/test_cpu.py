@@ -20,22 +20,69 @@ def _weights(n: int = 48, k: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_saturation_probe_returns_bool() -> None:
-    assert isinstance(cpu.needs_reduce_range(), bool)
+    assert isinstance(cpu.int8_pairs_saturate(), bool)
+
+
+@pytest.mark.parametrize("w", [127, 64, -64, -128, 1, -1])
+@pytest.mark.parametrize("variant", ["w8a8", "w8a7", "w7a8"])
+def test_each_variant_is_exact_on_worst_case_pairs(w: int, variant: str) -> None:
+    # the worst case for vpmaddubsw's int16 pair sums: every activation code at the top of its range against one
+    # weight value; each variant the kernel may run must return the exact product of its own operands
+    packed = cpu.prepack_int8(torch.full((3, 64), w, dtype=torch.int8), torch.full((3,), 0.01))
+    if variant == "w8a8" and packed.saturates:
+        pytest.skip("8-bit x 8-bit saturates on this CPU (the reason for the other two variants)")
+    if variant != "w8a8" and not packed.saturates:
+        pytest.skip("the kernel is exact at 8 x 8 bits here")
+    x = torch.ones(1, 64)
+    x[0, 0] = 0.0  # range [0, 1]: zero point 0, every other code at the top
+    codes, s = packed.operands(variant)
+    y = torch.ops.quantized.linear_dynamic(x, packed.pack(variant), variant == "w8a7")
+    exact = cpu.quantize_per_token_reference(x, variant == "w8a7") @ (codes.float() * s[:, None]).t()
+    torch.testing.assert_close(y, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_variant_choice_follows_the_error_model() -> None:
+    q, scale = _weights()
+    packed = cpu.prepack_int8(q, scale)
+    x = torch.randn(8, 96)
+    if not packed.saturates:
+        assert packed.choose(x) == "w8a8"
+        return
+    qf = q.float()
+    halving = float(((2 * torch.round(qf / 2) - qf) ** 2).mean() / (qf**2).mean())
+    assert packed.weight_cost == pytest.approx(halving, rel=1e-5)
+    codes, s = packed.operands("w7a8")
+    assert int(codes.abs().max()) <= 64
+    torch.testing.assert_close(s, scale * 2)
+    # gaussian rows fill their activation range, so 7-bit weights cost more -> W8A7
+    assert packed.choose(x / x.abs().amax(1, keepdim=True)) == "w8a7"
+    # one huge channel (the LLM case): every other value sits in a few codes, 8-bit activations win -> W7A8
+    x[:, 3] = 200.0
+    xn = x / x.abs().amax(1, keepdim=True)
+    assert packed.choose(xn) == "w7a8"
+    # and on that input it is the variant with the lower measured error
+    exact = xn @ (qf * scale[:, None]).t()
+    err = {
+        v: float((torch.ops.quantized.linear_dynamic(xn, packed.pack(v), v == "w8a7") - exact).norm())
+        for v in ("w8a7", "w7a8")
+    }
+    assert err["w7a8"] < err["w8a7"]
 
 
 @pytest.mark.parametrize("m", [1, 7, 64])
 def test_per_token_matches_float_reference_of_quantized_operands(m: int) -> None:
     q, scale = _weights()
-    w = q.float() * scale[:, None]
+    packed = cpu.prepack_int8(q, scale)
     x = torch.randn(m, 96) * torch.logspace(-2, 1, m)[:, None]  # rows of very different magnitude
     bias = torch.randn(48)
-    y = cpu.int8_linear_per_token(x, cpu.prepack_int8(q, scale), bias)
-    ref = cpu.quantize_per_token_reference(x, cpu.needs_reduce_range()) @ w.t() + bias
-    # the kernel differs from the simulation only by fbgemm's float rounding of its qparams; with 7-bit activations
-    # (reduce_range, CPUs without VNNI such as AVX2-only ones) that rounding moves some codes by one of 127 steps,
-    # a relative error of up to ~1/127 per row (measured on an AVX2 EPYC: at most 5.7e-3)
+    y = cpu.int8_linear_per_token(x, packed, bias)
+    variant = packed.choose(x / x.abs().amax(1, keepdim=True) if m > 1 else x)
+    codes, s = packed.operands(variant)
+    ref = cpu.quantize_per_token_reference(x, variant == "w8a7") @ (codes.float() * s[:, None]).t() + bias
+    # the kernel differs from the simulation only by fbgemm's float rounding of its qparams, which moves some codes
+    # by one step: up to ~1/127 per row at 7-bit activations (measured on an AVX2 EPYC: at most 5.7e-3)
     rel = (y - ref).norm(dim=1) / ref.norm(dim=1)
-    assert rel.max() < (1e-2 if cpu.needs_reduce_range() else 2e-3)
+    assert rel.max() < (1e-2 if variant == "w8a7" else 3e-3)
 
 
 def test_per_token_beats_per_tensor_on_rows_of_different_scale() -> None:
@@ -46,7 +93,7 @@ def test_per_token_beats_per_tensor_on_rows_of_different_scale() -> None:
     packed = cpu.prepack_int8(q, scale)
     exact = x @ w.t()
     per_token = cpu.int8_linear_per_token(x, packed)
-    per_tensor = torch.ops.quantized.linear_dynamic(x, packed, True)
+    per_tensor = torch.ops.quantized.linear_dynamic(x, packed.pack("w8a7"), True)
     err_tok = ((per_token - exact)[1:].norm() / exact[1:].norm()).item()
     err_ten = ((per_tensor - exact)[1:].norm() / exact[1:].norm()).item()
     assert err_tok < 0.02
@@ -256,3 +303,45 @@ def test_deep_copy_of_a_used_layer_runs_on_its_own_tensors(fmt: str, group: int 
     assert torch.equal(q(x), before)  # the original is untouched
     assert torch.allclose(other(x), x @ other.dequantize_weight().t(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(other(x), before)
+
+
+def test_int8_kernel_note_only_for_fbgemm_w8a8_on_saturating_cpus() -> None:
+    assert cpu.int8_kernel_note(["int4-weight-only-cpu-avx2", "dequantize-on-the-fly"]) is None
+    note = cpu.int8_kernel_note({"fbgemm-int8-dynamic-per-token": 3})
+    if cpu.int8_pairs_saturate():
+        assert note is not None and "7-bit weights x 8-bit activations" in note
+    else:
+        assert note is None
+
+
+def test_exact_mode_computes_w8a8_numerics(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, scale = _weights()
+    q[0, :2] = 127  # a saturating pair
+    packed = cpu.prepack_int8(q, scale)
+    if not packed.saturates:
+        pytest.skip("the kernel is exact at 8 x 8 bits here")
+    monkeypatch.setenv(cpu.INT8_EXACT_ENV, "1")
+    x = torch.randn(16, 96)
+    x[:, :2] = 5.0  # both activations of the saturating pair at the top of the range
+    assert packed.choose(x) == "split"
+    y = cpu.int8_linear_per_token(x, packed)
+    ref = cpu.quantize_per_token_reference(x, False) @ (q.float() * scale[:, None]).t()
+    rel = (y - ref).norm(dim=1) / ref.norm(dim=1)
+    assert rel.max() < 3e-3
+    monkeypatch.setenv(cpu.INT8_EXACT_ENV, "0")
+    assert packed.choose(x / x.abs().amax(1, keepdim=True)) in ("w8a7", "w7a8")
+
+
+def test_single_rows_follow_the_layers_last_decision() -> None:
+    q, scale = _weights()
+    packed = cpu.prepack_int8(q, scale)
+    if not packed.saturates:
+        pytest.skip("the kernel is exact at 8 x 8 bits here")
+    outlier = torch.randn(8, 96)
+    outlier[:, 3] = 200.0
+    outlier = outlier / outlier.abs().amax(1, keepdim=True)
+    flat = torch.randn(1, 96)
+    assert packed.choose(flat) == "w8a7"  # no decision yet: a single row is measured too
+    assert packed.choose(outlier) == "w7a8"
+    assert packed.choose(flat) == "w7a8"  # decode follows the last multi-row (prefill) decision
+    assert packed.choose(torch.randn(8, 96)) == "w8a7"

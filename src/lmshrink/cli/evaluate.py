@@ -191,6 +191,7 @@ def model_info(net: Any, spec: str) -> dict[str, Any]:
     """Architecture, parameters, dtype, format, size on disk and compute path of a loaded model."""
     from lmshrink import evaluation
     from lmshrink.evaluation.perplexity import model_dtype, model_max_length
+    from lmshrink.kernels.cpu import int8_kernel_note
 
     config = getattr(net, "config", None)
     path = Path(spec)
@@ -200,6 +201,9 @@ def model_info(net: Any, spec: str) -> dict[str, Any]:
         compute = "real kernel: " + ", ".join(f"{k} ({n} modules)" for k, n in kernels["kernels"].items())
         if kernels["dequantize_on_the_fly"]:
             compute += f"; dequantize on the fly ({kernels['dequantize_on_the_fly']} modules)"
+        note = int8_kernel_note(kernels["kernels"])
+        if note:
+            compute += f"; {note}"
     elif kernels["dequantize_on_the_fly"]:
         compute = f"dequantize on the fly ({kernels['dequantize_on_the_fly']} modules)"
     else:

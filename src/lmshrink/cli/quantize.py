@@ -36,6 +36,7 @@ def _float(text: str, option: str) -> float:
 
 
 def _summary(model: Any, cfg: Any, out: Path, seconds: float) -> Table:
+    from lmshrink.kernels.cpu import int8_kernel_note
     from lmshrink.quantization.linear import QuantLinear
     from lmshrink.utils.io import directory_size
 
@@ -58,6 +59,9 @@ def _summary(model: Any, cfg: Any, out: Path, seconds: float) -> Table:
     ]
     if any(k == "dequantize-on-the-fly" for k in kernels):
         rows.append(("speed", "dequantize on the fly: no low-precision kernel, no speed claim"))
+    note = int8_kernel_note(kernels)
+    if note:
+        rows.append(("int8 kernel", note))
     for r in rows:
         table.add_row(*r)
     return table

@@ -10,7 +10,9 @@ What runs where (measured with ``bench/quantize_speed.py`` and ``bench/quantize_
   (``quantized::linear_dynamic``) is used. That op quantizes activations per *tensor*, which breaks models with
   activation outliers. :func:`int8_linear_per_token` gets per-*token* activation quantization out of the same
   kernel: each row of ``x`` is divided by its absmax (so every row spans [-1, 1] and the per-tensor range is the
-  per-token range), the kernel runs without bias, and the output rows are scaled back. On AVX2-only CPUs
+  per-token range), the kernel runs without bias, and the output rows are scaled back. On CPUs without VNNI,
+  where fbgemm's int16 pair sums saturate on 8-bit x 8-bit products, each call cuts either the activations or the
+  weights to 7 bits, whichever loses less (:class:`Int8Weight`). On AVX2-only CPUs
   ``torch._int_mm`` and the ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` ops are slower than fp32.
 * weight-only int8 / int4 (group-wise): on CPUs with AMX-BF16/AVX512-BF16, few rows use the packed GEMV kernels
   ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` with bfloat16 activations (with float32 activations
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any
 
 import torch
@@ -57,54 +60,176 @@ def fbgemm_available() -> bool:
         return False
     try:
         q = torch.ones(4, 8, dtype=torch.int8)
-        packed = prepack_int8(q, torch.ones(4))
+        packed = _prepack_raw(q, torch.ones(4))
         torch.ops.quantized.linear_dynamic(torch.ones(1, 8), packed, False)
+        int8_pairs_saturate()
     except (RuntimeError, NotImplementedError) as exc:  # a CPU without AVX2, a build without the op
         log.info("fbgemm int8 kernel unusable here: %s", exc)
         return False
     return True
 
 
-def prepack_int8(qweight: torch.Tensor, scale: torch.Tensor) -> Any:
+def prepack_int8(qweight: torch.Tensor, scale: torch.Tensor) -> Int8Weight:
     """Pack int8 codes (N, K) with per-output-channel scales (N,) for fbgemm (symmetric, zero point 0)."""
-    n = qweight.shape[0]
+    return Int8Weight(qweight, scale)
+
+
+def _prepack_raw(codes: torch.Tensor, scale: torch.Tensor) -> Any:
+    n = codes.shape[0]
     qw = torch._make_per_channel_quantized_tensor(
-        qweight.contiguous(), scale.detach().double().reshape(n), torch.zeros(n, dtype=torch.long), 0
+        codes.contiguous(), scale.detach().double().reshape(n), torch.zeros(n, dtype=torch.long), 0
     )
     return torch.ops.quantized.linear_prepack(qw, None)
 
 
-@functools.lru_cache(maxsize=1)
-def needs_reduce_range() -> bool:
-    """Whether the int8 kernel saturates with full-range (8-bit) activations on this CPU.
-
-    Without AVX512-VNNI, fbgemm sums pairs of u8*s8 products in int16 (``vpmaddubsw``), which saturates when both are
-    large (255 * 127 * 2 > 32767). This probes the worst case once; if the result is wrong, activations use 7 bits
-    (``reduce_range``), which is what ``quantize_dynamic`` does unconditionally.
-    """
+def _saturation_probe(w: int) -> bool:
+    """True when fbgemm's dynamic int8 linear gets ``sum(255 * w)`` wrong (8-bit activations, all codes 255)."""
     k, n = 64, 4
-    packed = prepack_int8(torch.full((n, k), 127, dtype=torch.int8), torch.full((n,), 1.0 / 127))
+    packed = _prepack_raw(torch.full((n, k), w, dtype=torch.int8), torch.full((n,), 1.0 / 127))
     x = torch.ones(1, k)
     x[0, 0] = 0.0  # range [0, 1] -> zero point 0, every other code 255
     y = torch.ops.quantized.linear_dynamic(x, packed, False)
-    exact = float(k - 1)
-    saturates = abs(float(y[0, 0]) - exact) > 1e-3 * exact
-    if saturates:
-        log.warning("fbgemm int8 kernel saturates 8-bit activations on this CPU; using 7-bit activations")
-    return saturates
+    exact = (k - 1) * w / 127
+    return abs(float(y[0, 0]) - exact) > 1e-3 * abs(exact)
 
 
-def int8_linear_per_token(x: torch.Tensor, packed: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+@functools.lru_cache(maxsize=1)
+def int8_pairs_saturate() -> bool:
+    """Whether fbgemm's int8 GEMM saturates with 8-bit activations and 8-bit weights on this CPU.
+
+    Without AVX512-VNNI (AVX2-only CPUs such as AMD Zen 1-3), fbgemm sums pairs of u8 * s8 products of adjacent
+    input columns in int16 (``vpmaddubsw``), which saturates when both are large (255 * 127 * 2 > 32767). This
+    probes that worst case once. Where it saturates, each call either cuts the activations to 7 bits
+    (``reduce_range``, what ``quantize_dynamic`` always does) or packs the weights at 7 bits (255 * 64 * 2 = 32640
+    fits; probed too); :class:`Int8Weight` picks per call.
+    """
+    if not _saturation_probe(127):
+        return False
+    if _saturation_probe(64) or _saturation_probe(-64):  # an unknown kernel: refuse to compute garbage
+        raise RuntimeError("fbgemm int8 saturates even on 7-bit weights; int8 activations unusable here")
+    log.info("fbgemm int8 kernel saturates 8-bit x 8-bit products on this CPU; choosing W8A7 / W7A8 per call")
+    return True
+
+
+#: Environment variable that makes :class:`Int8Weight` compute exact W8A8 on CPUs whose 8-bit pairs saturate.
+INT8_EXACT_ENV = "LMSHRINK_INT8_EXACT"
+
+#: Activation quantization noise of fbgemm's per-tensor uint8 over a range ``R`` is ``R^2 / 12 / (2^b - 1)^2``; the
+#: increase from 8 to 7 bits, per unit of ``R^2``.
+_A7_EXTRA = (1.0 / 127**2 - 1.0 / 255**2) / 12.0
+
+
+class Int8Weight:
+    """An int8 weight prepacked for fbgemm, and on CPUs whose 8-bit pairs saturate the choice of how to avoid it.
+
+    Where the kernel is exact (VNNI, AMX) this is one pack and 8-bit activations. Elsewhere each call runs one of
+    two exact-in-int16 variants, whichever adds less relative error energy to the product under the usual
+    independent-noise model (``|dy|^2 / |y|^2 ~ |dw|^2 / |w|^2 + |dx|^2 / |x|^2``):
+
+    * ``"w8a7"``: the stored codes, activations at 7 bits; adds ``(R^2 / 12) (1/127^2 - 1/255^2) / mean(x^2)``
+      for the activations' range ``R``, measured on the call's (row-normalised) input;
+    * ``"w7a8"``: the codes halved (``round(q / 2)``, half to even, scale x2), activations at 8 bits; adds
+      ``mean((2 round(q/2) - q)^2) / mean(q^2)``, fixed per layer.
+
+    A single-row call (decode) reuses the layer's last decision when there is one: measuring the input costs
+    ~16 us, a fifth of a 576 x 576 GEMV on a Zen 1 core.
+
+    Measured on smollm2-135m (4,094 WikiText-2 tokens, ``bench/results/w8a8_saturation_smollm2-135m_4096.json``):
+    fixed W7A8 halves RTN W8A8's damage against fixed W8A7 but doubles SmoothQuant's (smoothing moves the
+    outliers into the weights); the per-call choice is measured there against both. Each pack is built on first
+    use. (Halving beats re-quantizing the codes to a full 7-bit grid, ``round(q * 64 / max|q|)``: that grid's
+    ties all break away from zero, a sign-correlated error that cost RTN W8A8 +7.9% against +5.0% for halving.)
+
+    With ``LMSHRINK_INT8_EXACT=1`` in the environment every call instead runs ``"split"``: exact W8A8 numerics (what
+    a VNNI CPU computes) from two GEMMs, ``q = 2 floor(q/2) + (q mod 2)``, each half exact at 8-bit activations;
+    about half the speed, for measuring the accuracy a model will have on the CPUs it is deployed to.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+        self.qweight, self.scale = qweight, scale
+        self.saturates = int8_pairs_saturate()
+        self._packs: dict[str, Any] = {}
+        self._last: str | None = None
+        self.weight_cost = 0.0
+        if self.saturates:
+            q = qweight.float()
+            half = torch.round(q / 2)
+            self.weight_cost = float((2 * half - q).pow(2).mean() / q.pow(2).mean().clamp(min=1e-12))
+            self._half = half.to(torch.int8)
+
+    def choose(self, xn: torch.Tensor) -> str:
+        """The variant for the (row-normalised) kernel input ``xn``: "w8a8" where the kernel is exact, else "w8a7"
+        or "w7a8" (see the class docstring)."""
+        if not self.saturates:
+            return "w8a8"
+        if os.environ.get(INT8_EXACT_ENV, "") not in ("", "0"):
+            return "split"
+        if xn.shape[0] == 1 and self._last is not None:
+            return self._last  # decode: one token follows the layer's last decision (saves ~16 us)
+        lo, hi = (float(v) for v in torch.aminmax(xn))
+        rng = max(hi, 0.0) - min(lo, 0.0)
+        mean_sq = float(torch.linalg.vector_norm(xn)) ** 2 / max(xn.numel(), 1)
+        act_cost = rng * rng * _A7_EXTRA / max(mean_sq, 1e-30)
+        self._last = "w7a8" if self.weight_cost < act_cost else "w8a7"
+        return self._last
+
+    def operands(self, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes and per-channel scales ``variant`` multiplies by."""
+        if variant == "w7a8":
+            return self._half, self.scale * 2
+        return self.qweight, self.scale
+
+    def pack(self, variant: str) -> Any:
+        """The fbgemm pack ``variant`` runs (for "split", the pair (high part, low part))."""
+        if variant in self._packs:
+            return self._packs[variant]
+        if variant == "split":
+            q = self.qweight.to(torch.int16)
+            high = torch.div(q, 2, rounding_mode="floor")  # -64..63
+            pack = (
+                _prepack_raw(high.to(torch.int8), self.scale * 2),
+                _prepack_raw((q - 2 * high).to(torch.int8), self.scale),  # 0 or 1
+            )
+        else:
+            pack = _prepack_raw(*self.operands(variant))
+        self._packs[variant] = pack
+        return pack
+
+    def linear(self, xn: torch.Tensor) -> torch.Tensor:
+        """fbgemm's dynamic int8 linear on ``xn`` with the chosen variant (no bias)."""
+        variant = self.choose(xn)
+        if variant == "split":
+            high, low = self.pack("split")
+            y = torch.ops.quantized.linear_dynamic(xn, high, False)
+            return y.add_(torch.ops.quantized.linear_dynamic(xn, low, False))
+        return torch.ops.quantized.linear_dynamic(xn, self.pack(variant), variant == "w8a7")
+
+
+def int8_kernel_note(kernel_names: Any) -> str | None:
+    """A one-line note for reports when one of ``kernel_names`` is an fbgemm W8A8 kernel and this CPU's int8
+    pairs saturate (else None)."""
+    if not any(str(k).startswith(("fbgemm-int8", "int8-per-token-fbgemm")) for k in kernel_names):
+        return None
+    if not fbgemm_available() or not int8_pairs_saturate():
+        return None
+    return (
+        "no VNNI here: fbgemm's int16 pair sums saturate on 8-bit x 8-bit products, so each int8 call runs "
+        "8-bit weights x 7-bit activations or 7-bit weights x 8-bit activations, whichever loses less"
+    )
+
+
+def int8_linear_per_token(
+    x: torch.Tensor, packed: Int8Weight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x @ W.T + bias`` with int8 weights (prepacked) and int8 activations quantized per token (row), fp32 out.
 
     ``x`` is (M, K) float32. For M == 1 per-tensor already is per-token, so the row scaling is skipped.
     """
-    rr = needs_reduce_range()
     if x.shape[0] == 1:
-        y = torch.ops.quantized.linear_dynamic(x, packed, rr)
+        y = packed.linear(x)
         return y if bias is None else y.add_(bias)
     s = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)  # (M, 1)
-    y = torch.ops.quantized.linear_dynamic(x / s, packed, rr)
+    y = packed.linear(x / s)
     if bias is None:
         return y.mul_(s)
     return torch.addcmul(bias, y, s)
