@@ -9,6 +9,7 @@ import torch
 
 import lmshrink.cli.quantize as cli_quantize
 from lmshrink.cli import main
+from lmshrink.kernels import cpu as cpu_kernels
 from lmshrink.quantization.linear import QuantLinear
 
 
@@ -51,6 +52,10 @@ def test_quantize_writes_a_loadable_directory(tmp_path: Path, fake_sources, args
 
     m, _ = load_model(str(out))
     assert sum(isinstance(x, QuantLinear) for x in m.modules()) == 14
+    # W8A8 on a CPU whose int8 pairs saturate: the summary says how the kernel copes; never for weight-only
+    w8a8_here = "smoothquant" in args and cpu_kernels.fbgemm_available() and cpu_kernels.int8_pairs_saturate()
+    flat = "".join(ch for ch in printed if ch not in "│┃ \n")  # the table may wrap the note
+    assert ("7-bitactivations" in flat) == w8a8_here
 
 
 @pytest.mark.parametrize(
