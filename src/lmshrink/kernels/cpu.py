@@ -153,9 +153,10 @@ class Int8Weight:
         self.weight_cost = 0.0
         if self.saturates:
             q = qweight.float()
-            half = torch.round(q / 2)
-            self.weight_cost = float((2 * half - q).pow(2).mean() / q.pow(2).mean().clamp(min=1e-12))
-            self._half = half.to(torch.int8)
+            odd = torch.remainder(
+                q, 2
+            )  # halving moves odd codes by exactly one 8-bit step, even ones not at all
+            self.weight_cost = float(odd.mean() / q.pow(2).mean().clamp(min=1e-12))
 
     def choose(self, xn: torch.Tensor) -> str:
         """The variant for the (row-normalised) kernel input ``xn``: "w8a8" where the kernel is exact, else "w8a7"
@@ -176,7 +177,7 @@ class Int8Weight:
     def operands(self, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The codes and per-channel scales ``variant`` multiplies by."""
         if variant == "w7a8":
-            return self._half, self.scale * 2
+            return torch.round(self.qweight.float() / 2).to(torch.int8), self.scale * 2
         return self.qweight, self.scale
 
     def pack(self, variant: str) -> Any:
