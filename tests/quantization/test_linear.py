@@ -122,3 +122,26 @@ def test_formats_without_a_cpu_kernel_report_dequantize_on_the_fly() -> None:
     )
     assert {m.kernel_name for m in model} == {"dequantize-on-the-fly"}
     assert describe_kernels(model) == {"kernels": {}, "dequantize_on_the_fly": 2}
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="fbgemm not usable")
+@pytest.mark.parametrize("threshold", [None, 6.0])
+def test_w8a8_single_rows_match_the_float_activation_product_where_the_decode_gemv_runs(threshold) -> None:
+    from lmshrink.kernels import cpu as cpu_kernels
+
+    torch.manual_seed(0)
+    w, b = torch.randn(32, 64) * 0.1, torch.randn(32)
+    q = QuantLinear.from_weight(w, b, WeightSpec.parse("int8"), act="int8", threshold=threshold)
+    x = torch.randn(1, 64)
+    x[0, 5] = 20.0  # an outlier column
+    float_act = x @ q.dequantize_weight().t() + b
+    y = q(x)
+    if cpu_kernels.int8_pairs_saturate() and cpu_kernels.avx2_gemv_available():
+        torch.testing.assert_close(y, float_act, rtol=1e-5, atol=1e-5)  # int8 weights, float32 activations
+    else:
+        assert not torch.allclose(y, float_act, rtol=1e-5, atol=1e-5)  # quantized activations
+    # several rows always go through the int8 GEMM with quantized activations
+    xs = x.repeat(4, 1) + 0.1 * torch.randn(4, 64)
+    ys = q(xs)
+    assert not torch.allclose(ys, xs @ q.dequantize_weight().t() + b, rtol=1e-5, atol=1e-5)
+    assert ((ys - (xs @ w.t() + b)).norm() / (xs @ w.t() + b).norm()) < 0.05

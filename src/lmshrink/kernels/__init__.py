@@ -8,7 +8,8 @@ from __future__ import annotations
 
 #: Kernel names a :class:`lmshrink.quantization.linear.QuantLinear` may report.
 KERNEL_NAMES = (
-    "fbgemm-int8-dynamic-per-token",  # CPU: int8 weights per channel, int8 activations per token
+    "fbgemm-int8-dynamic-per-token",  # CPU: int8 weights per channel, int8 activations per token (AVX2 without
+    # VNNI: one-row calls through the int8 GEMV with float activations, QuantLinear._w8a8_decode_gemv)
     "int8-per-token-fbgemm+amx",  # CPU with AMX-INT8: fbgemm for M < 32 rows, torch._int_mm (oneDNN AMX) above
     "fbgemm-int8-dynamic-per-token+fp32-outliers",  # CPU: LLM.int8() decomposition
     "int8-weight-only-cpu-bf16",  # CPU with AMX/AVX512-BF16: _weight_int8pack_mm (few rows) / bf16 AMX GEMM

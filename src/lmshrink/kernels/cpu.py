@@ -215,7 +215,8 @@ def int8_kernel_note(kernel_names: Any) -> str | None:
         return None
     return (
         "no VNNI here: fbgemm's int16 pair sums saturate on 8-bit x 8-bit products, so each int8 call runs "
-        "8-bit weights x 7-bit activations or 7-bit weights x 8-bit activations, whichever loses less"
+        "8-bit weights x 7-bit activations or 7-bit weights x 8-bit activations, whichever loses less; one-row "
+        "calls (decode) run the int8 weights through the AVX2 GEMV with float activations"
     )
 
 

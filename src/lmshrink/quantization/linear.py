@@ -317,6 +317,19 @@ class QuantLinear(nn.Module):
         self._cache = {}
         super()._load_from_state_dict(*args, **kwargs)
 
+    def _w8a8_decode_gemv(self) -> bool:
+        """Whether one-row calls of this W8A8 layer run the AVX2 int8 GEMV with float32 activations: on CPUs whose
+        int8 pairs saturate (no VNNI) fbgemm's one-row int8 call is no faster than fp32 (whole-model decode 1.08x,
+        against 1.70x for that GEMV, ``bench/README.md``), and float activations lose nothing."""
+        if "decode_gemv" not in self._cache:
+            self._cache["decode_gemv"] = (
+                _int8_per_channel(self.spec)
+                and self.scale.dtype == torch.float32
+                and cpu_kernels.int8_pairs_saturate()
+                and cpu_kernels.avx2_gemv_available()
+            )
+        return bool(self._cache["decode_gemv"])
+
     def _fbgemm(self) -> Any:
         if "fbgemm" not in self._cache:
             self._cache["fbgemm"] = cpu_kernels.prepack_int8(self.qweight, self.scale)
@@ -324,6 +337,8 @@ class QuantLinear(nn.Module):
 
     def _forward_2d(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
         if kernel == "fbgemm-int8-dynamic-per-token":
+            if x.shape[0] == 1 and self._w8a8_decode_gemv():
+                return cpu_kernels.int8_weight_only_avx2(x, self.qweight, self.scale, self.bias)
             return cpu_kernels.int8_linear_per_token(x, self._fbgemm(), self.bias)
         if (
             kernel == "int8-per-token-fbgemm+amx"
@@ -353,6 +368,8 @@ class QuantLinear(nn.Module):
             codes, s, off, lut = self._avx2_4bit_operands(kernel)
             return cpu_kernels.int4_weight_only_avx2(x, codes, s, off, self.dequantize_weight, self.bias, lut)
         if kernel == "fbgemm-int8-dynamic-per-token+fp32-outliers":
+            if x.shape[0] == 1 and self._w8a8_decode_gemv():  # every column at float32 = outlier columns' path
+                return cpu_kernels.int8_weight_only_avx2(x, self.qweight, self.scale, self.bias)
             return self._forward_outliers(x)
         if kernel == "cuda-int8-mm":
             return cuda_kernels.int8_linear_cuda(x, self.qweight, self.scale, self.bias)
