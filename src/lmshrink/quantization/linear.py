@@ -368,7 +368,9 @@ class QuantLinear(nn.Module):
             codes, s, off, lut = self._avx2_4bit_operands(kernel)
             return cpu_kernels.int4_weight_only_avx2(x, codes, s, off, self.dequantize_weight, self.bias, lut)
         if kernel == "fbgemm-int8-dynamic-per-token+fp32-outliers":
-            if x.shape[0] == 1 and self._w8a8_decode_gemv():  # every column at float32 = outlier columns' path
+            if (
+                x.shape[0] == 1 and self._w8a8_decode_gemv()
+            ):  # every column at float32 = outlier columns' path
                 return cpu_kernels.int8_weight_only_avx2(x, self.qweight, self.scale, self.bias)
             return self._forward_outliers(x)
         if kernel == "cuda-int8-mm":
