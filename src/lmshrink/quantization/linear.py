@@ -336,9 +336,13 @@ class QuantLinear(nn.Module):
         return self._cache["fbgemm"]
 
     def _forward_2d(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
+        if (
+            x.shape[0] == 1
+            and kernel in ("fbgemm-int8-dynamic-per-token", "fbgemm-int8-dynamic-per-token+fp32-outliers")
+            and self._w8a8_decode_gemv()
+        ):  # decode: every column at float32 (for LLM.int8 the outlier columns' own path)
+            return cpu_kernels.int8_weight_only_avx2(x, self.qweight, self.scale, self.bias)
         if kernel == "fbgemm-int8-dynamic-per-token":
-            if x.shape[0] == 1 and self._w8a8_decode_gemv():
-                return cpu_kernels.int8_weight_only_avx2(x, self.qweight, self.scale, self.bias)
             return cpu_kernels.int8_linear_per_token(x, self._fbgemm(), self.bias)
         if (
             kernel == "int8-per-token-fbgemm+amx"
@@ -368,10 +372,6 @@ class QuantLinear(nn.Module):
             codes, s, off, lut = self._avx2_4bit_operands(kernel)
             return cpu_kernels.int4_weight_only_avx2(x, codes, s, off, self.dequantize_weight, self.bias, lut)
         if kernel == "fbgemm-int8-dynamic-per-token+fp32-outliers":
-            if (
-                x.shape[0] == 1 and self._w8a8_decode_gemv()
-            ):  # every column at float32 = outlier columns' path
-                return cpu_kernels.int8_weight_only_avx2(x, self.qweight, self.scale, self.bias)
             return self._forward_outliers(x)
         if kernel == "cuda-int8-mm":
             return cuda_kernels.int8_linear_cuda(x, self.qweight, self.scale, self.bias)
