@@ -14,8 +14,8 @@ from lmshrink.quantization.linear import QuantLinear
 
 
 @pytest.fixture()
-def fake_sources(monkeypatch: pytest.MonkeyPatch, tiny_llama) -> None:
-    monkeypatch.setattr(cli_quantize, "_load", lambda spec: (tiny_llama, None))
+def fake_sources(monkeypatch: pytest.MonkeyPatch, make_tiny_llama) -> None:
+    monkeypatch.setattr(cli_quantize, "_load", lambda spec: (make_tiny_llama(), None))  # a fresh model per call
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(0, 128, (1, 32), generator=g)} for _ in range(4)]
     monkeypatch.setattr(cli_quantize, "_calibration", lambda *a, **k: batches)
@@ -58,6 +58,44 @@ def test_quantize_writes_a_loadable_directory(tmp_path: Path, fake_sources, args
     assert ("7-bitactivations" in flat) == w8a8_here
 
 
+def _quantized(out: Path) -> dict[str, QuantLinear]:
+    from lmshrink.models import load_model
+
+    m, _ = load_model(str(out))
+    return {n: x for n, x in m.named_modules() if isinstance(x, QuantLinear)}
+
+
+def test_target_and_skip_choose_the_layers(tmp_path: Path, fake_sources) -> None:
+    out = tmp_path / "q"
+    assert main(["quantize", "tiny", "--target", r"\.q_proj$", "--target", "down_proj", "--out", str(out)]) == 0
+    assert sorted(n.rsplit(".", 1)[1] for n in _quantized(out)) == ["down_proj"] * 2 + ["q_proj"] * 2
+    out2 = tmp_path / "q2"
+    assert main(["quantize", "tiny", "--skip", "mlp", "--skip", "embed", "--skip", "lm_head", "--out", str(out2)]) == 0
+    names = _quantized(out2)
+    assert len(names) == 8 and not any("mlp" in n for n in names)
+
+
+def test_float_activations_and_outliers_reach_smoothquant(tmp_path: Path, fake_sources) -> None:
+    out = tmp_path / "q"
+    args = ["--method", "smoothquant", "--outliers", "none", "--float-activations", "down_proj"]
+    assert main(["quantize", "tiny", *args, "--out", str(out)]) == 0
+    layers = _quantized(out)
+    acts = {n.rsplit(".", 1)[1]: m.act for n, m in layers.items()}
+    assert acts["down_proj"] == "float" and acts["q_proj"] == "int8"
+    assert all(m.threshold is None for m in layers.values())  # --outliers none: no fp32 outlier columns
+
+
+def test_embeddings_flag_packs_the_embedding_table(tmp_path: Path, fake_sources) -> None:
+    from lmshrink.quantization.embedding import QuantEmbedding
+
+    out = tmp_path / "q"
+    assert main(["quantize", "tiny", "--format", "int8", "--embeddings", "--out", str(out)]) == 0
+    assert any(isinstance(m, QuantEmbedding) for m in _quantized(out).values())
+    out2 = tmp_path / "q2"
+    assert main(["quantize", "tiny", "--format", "int8", "--out", str(out2)]) == 0
+    assert not any(isinstance(m, QuantEmbedding) for m in _quantized(out2).values())
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -67,6 +105,11 @@ def test_quantize_writes_a_loadable_directory(tmp_path: Path, fake_sources, args
         (["--method", "gptq", "--format", "int4", "--scale-refit", "-1"], "scale_refit"),
         (["--method", "smoothquant", "--format", "int8", "--clip-search"], "clip_search applies to methods"),
         (["--method", "rtn", "--format", "nf4", "--clip-search"], "clip_search applies to methods"),
+        (["--target", "no_such_layer"], "no linear layers"),
+        (["--method", "smoothquant", "--outliers", "some"], "outliers"),
+        (["--method", "rtn", "--float-activations", "down_proj"], "float_activations applies to method"),
+        (["--target", "(unclosed"], "invalid regex"),
+        (["--method", "gptq", "--format", "int4", "--damp", "0"], "damp"),
     ],
 )
 def test_bad_input_exits_2_without_output(tmp_path: Path, fake_sources, args, message, capsys) -> None:

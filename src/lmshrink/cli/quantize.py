@@ -99,6 +99,30 @@ def quantize(
     alpha: str = typer.Option("auto", help="SmoothQuant migration strength in [0, 1], or 'auto' (searched)"),
     threshold: float = typer.Option(6.0, help="LLM.int8() outlier threshold"),
     activations: str = typer.Option("auto", help="auto | int8 | float"),
+    outliers: str = typer.Option(
+        "auto", help="SmoothQuant: auto (layers keep fp32 outlier columns where that halves the error) | none"
+    ),
+    float_activations: list[str] | None = typer.Option(
+        None,
+        "--float-activations",
+        help="SmoothQuant: regex of layers that keep float activations (int8 weight-only); repeatable, "
+        "e.g. --float-activations down_proj",
+    ),
+    damp: float = typer.Option(0.01, help="GPTQ: Hessian damping, a fraction of its mean diagonal"),
+    target: list[str] | None = typer.Option(
+        None, "--target", help="regex of linear layers to quantize (re.search on the module name); repeatable"
+    ),
+    skip: list[str] | None = typer.Option(
+        None,
+        "--skip",
+        help="regex of linear layers to leave in float; repeatable; replaces the default "
+        "(embeddings, lm_head, classifier and pooler heads)",
+    ),
+    embeddings: bool = typer.Option(
+        False,
+        "--embeddings/--no-embeddings",
+        help="also store the embedding tables packed (RTN, same format; a tied LM head shares them)",
+    ),
 ) -> None:
     """Quantize MODEL and save it with packed weights; prints a summary table."""
     from lmshrink.quantization.api import quantize_model
@@ -108,12 +132,14 @@ def quantize(
     cfg = QuantConfig(
         method=method, format=format, group_size=group_size, act_order=act_order, true_sequential=true_sequential,
         scale_refit=scale_refit, clip_search=clip_search, alpha=alpha if alpha == "auto" else _float(alpha, "--alpha"),
-        threshold=threshold, activations=activations,
+        threshold=threshold, activations=activations, outliers=outliers, damp=damp,
+        float_activations=float_activations or [],
+        **({"targets": target} if target else {}), **({"skip": skip} if skip is not None else {}),
         calibration={"dataset": calib, "n_samples": n_samples, "seq_len": seq_len, "seed": seed},
     )  # fmt: skip
     t0 = time.perf_counter()
     net, tokenizer = _load(model)
     batches = _calibration(tokenizer, calib, n_samples, seq_len, seed) if cfg.needs_calibration else None
-    quantize_model(net, cfg, batches)
+    quantize_model(net, cfg, batches, embeddings=embeddings)
     saved = save_quantized_model(net, out, tokenizer)
     console.print(_summary(net, cfg, saved, time.perf_counter() - t0))
