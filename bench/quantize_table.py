@@ -392,11 +392,27 @@ def resume_state(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Ac
             )
     if old["evaluation"]["ctx"] != new["evaluation"]["ctx"]:
         raise SystemExit(f"--resume: ctx {old['evaluation']['ctx']} there, {new['evaluation']['ctx']} now")
+    if old.get("environment", {}) != numerics_env():
+        raise SystemExit(
+            f"--resume: the result file was made with environment {old.get('environment', {})}, this run has "
+            f"{numerics_env()}; run with the same LMSHRINK_* variables"
+        )
     accs = {r["key"]: Acc(**r["sums"]) for r in old["rows"] if "sums" in r}
     done = int(old["evaluation"]["n_windows"])
     if any(a.windows != done for a in accs.values()):
         raise SystemExit("--resume: the rows of the existing result file scored different numbers of windows")
     return accs, done
+
+
+#: ``LMSHRINK_*`` variables that only say where things are (the others can change what the kernels compute).
+LOCATION_ENV = ("LMSHRINK_DATA", "LMSHRINK_CACHE", "LMSHRINK_FLOAT_LLAMA", "LMSHRINK_SKIP_RESOURCE_CHECKS")
+
+
+def numerics_env() -> dict[str, str]:
+    """The ``LMSHRINK_*`` environment that can change results (e.g. ``LMSHRINK_INT8_EXACT``, ``LMSHRINK_NO_CPP``)."""
+    return {
+        k: v for k, v in sorted(os.environ.items()) if k.startswith("LMSHRINK_") and k not in LOCATION_ENV
+    }
 
 
 def cached_build(
@@ -461,7 +477,9 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"{ev['data']}; {ev['n_tokens']} tokens scored ({ev['n_windows']} windows of {ev['ctx']}); calibration: "
         f"{doc['calibration']['description']}; {doc['provenance'].get('device_name', '')}; "
-        f"{doc['provenance'].get('date', '')}.",
+        f"{doc['provenance'].get('date', '')}"
+        + "".join(f"; {k}={v}" for k, v in doc.get("environment", {}).items())
+        + ".",
         "",
         "| row | method | bits | ppl | delta % | KL | top-1 | size MB | bits/w | kernels | build s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -725,6 +743,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         "row_keys": settings["row_keys"],
         "versions": versions(),
         "threads": a.threads,
+        "environment": numerics_env(),
         "complete": False,
         "rows": records,
         "notes": [],

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from quantize_table import Acc, Row, _lmshrink, cached_build, resume_state
+from quantize_table import Acc, Row, _lmshrink, cached_build, numerics_env, resume_state
 
 
 def _settings(**over: Any) -> dict[str, Any]:
@@ -63,6 +63,23 @@ def test_resume_refuses_other_settings_or_code(key: str, value: Any) -> None:
     old["rows"] = []
     with pytest.raises(SystemExit, match=key):
         resume_state(old, _settings(**{key: value}))
+
+
+def test_resume_refuses_another_numerics_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in numerics_env():
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("LMSHRINK_DATA", "/somewhere")  # a location, not numerics: not recorded
+    old = _settings()
+    old["evaluation"] = {"ctx": 16, "n_windows": 0}
+    old["rows"] = []
+    assert "LMSHRINK_DATA" not in numerics_env()
+    resume_state(old, _settings())  # a file from before the field existed counts as the empty environment
+    monkeypatch.setenv("LMSHRINK_INT8_EXACT", "1")
+    assert numerics_env() == {"LMSHRINK_INT8_EXACT": "1"}
+    with pytest.raises(SystemExit, match="LMSHRINK_INT8_EXACT"):
+        resume_state(old, _settings())
+    old["environment"] = {"LMSHRINK_INT8_EXACT": "1"}
+    resume_state(old, _settings())
 
 
 def test_cached_row_reloads_bit_identically_and_rebuilds_on_other_settings(tiny_llama, tmp_path) -> None:

@@ -15,7 +15,8 @@ from lmshrink.quantization.linear import QuantLinear
 
 @pytest.fixture()
 def fake_sources(monkeypatch: pytest.MonkeyPatch, make_tiny_llama) -> None:
-    monkeypatch.setattr(cli_quantize, "_load", lambda spec: (make_tiny_llama(), None))  # a fresh model per call
+    # a fresh model per call: quantize_model changes the model in place
+    monkeypatch.setattr(cli_quantize, "_load", lambda spec: (make_tiny_llama(), None))
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(0, 128, (1, 32), generator=g)} for _ in range(4)]
     monkeypatch.setattr(cli_quantize, "_calibration", lambda *a, **k: batches)
@@ -67,10 +68,12 @@ def _quantized(out: Path) -> dict[str, QuantLinear]:
 
 def test_target_and_skip_choose_the_layers(tmp_path: Path, fake_sources) -> None:
     out = tmp_path / "q"
-    assert main(["quantize", "tiny", "--target", r"\.q_proj$", "--target", "down_proj", "--out", str(out)]) == 0
+    only = ["--target", r"\.q_proj$", "--target", "down_proj"]
+    assert main(["quantize", "tiny", *only, "--out", str(out)]) == 0
     assert sorted(n.rsplit(".", 1)[1] for n in _quantized(out)) == ["down_proj"] * 2 + ["q_proj"] * 2
     out2 = tmp_path / "q2"
-    assert main(["quantize", "tiny", "--skip", "mlp", "--skip", "embed", "--skip", "lm_head", "--out", str(out2)]) == 0
+    skip = ["--skip", "mlp", "--skip", "embed", "--skip", "lm_head"]
+    assert main(["quantize", "tiny", *skip, "--out", str(out2)]) == 0
     names = _quantized(out2)
     assert len(names) == 8 and not any("mlp" in n for n in names)
 
