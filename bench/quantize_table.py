@@ -66,6 +66,8 @@ from common import (
     versions,
 )
 
+from lmshrink.utils.env import numerics_env
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 os.environ.setdefault("LMSHRINK_DATA", str((REPO / ".." / "shared" / "data").resolve()))
@@ -402,17 +404,6 @@ def resume_state(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Ac
     if any(a.windows != done for a in accs.values()):
         raise SystemExit("--resume: the rows of the existing result file scored different numbers of windows")
     return accs, done
-
-
-#: ``LMSHRINK_*`` variables that only say where things are (the others can change what the kernels compute).
-LOCATION_ENV = ("LMSHRINK_DATA", "LMSHRINK_CACHE", "LMSHRINK_FLOAT_LLAMA", "LMSHRINK_SKIP_RESOURCE_CHECKS")
-
-
-def numerics_env() -> dict[str, str]:
-    """The ``LMSHRINK_*`` environment that can change results (e.g. ``LMSHRINK_INT8_EXACT``, ``LMSHRINK_NO_CPP``)."""
-    return {
-        k: v for k, v in sorted(os.environ.items()) if k.startswith("LMSHRINK_") and k not in LOCATION_ENV
-    }
 
 
 def cached_build(

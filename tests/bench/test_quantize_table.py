@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from quantize_table import Acc, Row, _lmshrink, cached_build, numerics_env, resume_state
+from quantize_table import Acc, Row, _lmshrink, cached_build, resume_state
+
+from lmshrink.utils.env import numerics_env
 
 
 def _settings(**over: Any) -> dict[str, Any]:

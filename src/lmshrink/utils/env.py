@@ -1,8 +1,9 @@
-"""Provenance: what machine, device, dtype and library versions produced a result."""
+"""Provenance: what machine, device, dtype, library versions and kernel-choosing environment produced a result."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 from importlib import metadata
 from typing import Any
@@ -21,6 +22,18 @@ def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+#: ``LMSHRINK_*`` variables that only say where things are or skip checks; the others (``LMSHRINK_INT8_EXACT``,
+#: ``LMSHRINK_NO_CPP``) choose kernels, so they can change a result and are recorded with it.
+LOCATION_ENV = ("LMSHRINK_DATA", "LMSHRINK_CACHE", "LMSHRINK_FLOAT_LLAMA", "LMSHRINK_SKIP_RESOURCE_CHECKS")
+
+
+def numerics_env() -> dict[str, str]:
+    """The set ``LMSHRINK_*`` environment variables that can change what the kernels compute."""
+    return {
+        k: v for k, v in sorted(os.environ.items()) if k.startswith("LMSHRINK_") and k not in LOCATION_ENV
+    }
 
 
 def device_description(device: str | torch.device = "cpu") -> str:
@@ -55,6 +68,7 @@ def provenance(device: str | torch.device = "cpu", dtype: torch.dtype | None = N
         "device_name": device_description(device),
         "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
         "versions": library_versions(),
+        "environment": numerics_env(),
     }
 
 
