@@ -305,13 +305,19 @@ def test_deep_copy_of_a_used_layer_runs_on_its_own_tensors(fmt: str, group: int 
     assert not torch.allclose(other(x), before)
 
 
-def test_int8_kernel_note_only_for_fbgemm_w8a8_on_saturating_cpus() -> None:
+def test_int8_kernel_note_only_for_fbgemm_w8a8_on_saturating_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(cpu.INT8_EXACT_ENV, raising=False)
     assert cpu.int8_kernel_note(["int4-weight-only-cpu-avx2", "dequantize-on-the-fly"]) is None
     note = cpu.int8_kernel_note({"fbgemm-int8-dynamic-per-token": 3})
+    monkeypatch.setenv(cpu.INT8_EXACT_ENV, "1")
+    exact = cpu.int8_kernel_note({"fbgemm-int8-dynamic-per-token": 3})
     if cpu.int8_pairs_saturate():
         assert note is not None and "7-bit weights x 8-bit activations" in note
+        assert exact is not None and "computes exact W8A8" in exact and "7-bit" not in exact
     else:
-        assert note is None
+        assert note is None and exact is None
+    monkeypatch.setenv(cpu.INT8_EXACT_ENV, "0")  # "0" is off
+    assert cpu.int8_kernel_note({"fbgemm-int8-dynamic-per-token": 3}) == note
 
 
 def test_exact_mode_computes_w8a8_numerics(monkeypatch: pytest.MonkeyPatch) -> None:

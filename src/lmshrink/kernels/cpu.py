@@ -114,6 +114,12 @@ def int8_pairs_saturate() -> bool:
 #: Environment variable that makes :class:`Int8Weight` compute exact W8A8 on CPUs whose 8-bit pairs saturate.
 INT8_EXACT_ENV = "LMSHRINK_INT8_EXACT"
 
+
+def int8_exact_mode() -> bool:
+    """Whether ``LMSHRINK_INT8_EXACT`` asks for exact W8A8 numerics (set and not "0")."""
+    return os.environ.get(INT8_EXACT_ENV, "") not in ("", "0")
+
+
 #: Activation quantization noise of fbgemm's per-tensor uint8 over a range ``R`` is ``R^2 / 12 / (2^b - 1)^2``; the
 #: increase from 8 to 7 bits, per unit of ``R^2``.
 _A7_EXTRA = (1.0 / 127**2 - 1.0 / 255**2) / 12.0
@@ -153,9 +159,8 @@ class Int8Weight:
         self.weight_cost = 0.0
         if self.saturates:
             q = qweight.float()
-            odd = torch.remainder(
-                q, 2
-            )  # halving moves odd codes by exactly one 8-bit step, even ones not at all
+            # halving moves odd codes by exactly one 8-bit step, even ones not at all
+            odd = torch.remainder(q, 2)
             self.weight_cost = float(odd.mean() / q.pow(2).mean().clamp(min=1e-12))
 
     def choose(self, xn: torch.Tensor) -> str:
@@ -163,7 +168,7 @@ class Int8Weight:
         or "w7a8" (see the class docstring)."""
         if not self.saturates:
             return "w8a8"
-        if os.environ.get(INT8_EXACT_ENV, "") not in ("", "0"):
+        if int8_exact_mode():
             return "split"
         if xn.shape[0] == 1 and self._last is not None:
             return self._last  # decode: one token follows the layer's last decision (saves ~16 us)
@@ -213,10 +218,17 @@ def int8_kernel_note(kernel_names: Any) -> str | None:
         return None
     if not fbgemm_available() or not int8_pairs_saturate():
         return None
+    decode = "one-row calls (decode) run the int8 weights through the AVX2 GEMV with float activations"
+    if int8_exact_mode():
+        return (
+            f"no VNNI here; {INT8_EXACT_ENV}=1: every int8 call computes exact W8A8 (what VNNI CPUs and GPUs give) "
+            f"with two fbgemm GEMMs, about half the speed; {decode}"
+        )
     return (
         "no VNNI here: fbgemm's int16 pair sums saturate on 8-bit x 8-bit products, so each int8 call runs "
-        "8-bit weights x 7-bit activations or 7-bit weights x 8-bit activations, whichever loses less; one-row "
-        "calls (decode) run the int8 weights through the AVX2 GEMV with float activations"
+        f"8-bit weights x 7-bit activations or 7-bit weights x 8-bit activations, whichever loses less; {decode}. "
+        f"{INT8_EXACT_ENV}=1 computes exact W8A8 (what VNNI CPUs and GPUs give) at about half the speed; int8 "
+        "weight-only (--activations float) is usually the more accurate choice on this CPU"
     )
 
 
