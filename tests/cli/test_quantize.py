@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,9 @@ def test_float_activations_and_outliers_reach_smoothquant(tmp_path: Path, fake_s
     acts = {n.rsplit(".", 1)[1]: m.act for n, m in layers.items()}
     assert acts["down_proj"] == "float" and acts["q_proj"] == "int8"
     assert all(m.threshold is None for m in layers.values())  # --outliers none: no fp32 outlier columns
+    # the tiny model never takes the outlier fallback under "auto" either, so check the recorded config too
+    config = json.loads((out / "lmshrink.json").read_text())["quantization"]["config"]
+    assert config["outliers"] == "none" and config["float_activations"] == ["down_proj"]
 
 
 def test_embeddings_flag_packs_the_embedding_table(tmp_path: Path, fake_sources) -> None:
