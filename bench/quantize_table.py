@@ -294,6 +294,17 @@ def make_rows(
             needs_calibration=True,
         ),
         Row(
+            "smoothquant-gptq",
+            "SmoothQuant W8A8, GPTQ-rounded int8 weights"
+            + ao
+            + ts
+            + (f", damp {damp:g}" if damp != 0.01 else ""),
+            "W8A8",
+            _lmshrink({**gptq_opts, "method": "smoothquant", "format": "int8", "weight_method": "gptq"}),
+            needs_calibration=True,
+            default=False,
+        ),
+        Row(
             "llm-int8", "LLM.int8() (threshold 6.0)", "W8A8+fp32 outliers", _lmshrink({"method": "llm-int8"})
         ),
         *int4_rows,

@@ -42,6 +42,7 @@ def fake_sources(monkeypatch: pytest.MonkeyPatch, make_tiny_llama) -> None:
             "0",
         ],
         ["--method", "smoothquant", "--format", "int8"],
+        ["--method", "smoothquant", "--format", "int8", "--weight-method", "gptq", "--scale-refit", "0"],
         ["--method", "rtn", "--format", "int4-asym", "--group-size", "32", "--clip-search"],
     ],
 )
@@ -117,6 +118,11 @@ def test_embeddings_flag_packs_the_embedding_table(tmp_path: Path, fake_sources)
         (["--method", "rtn", "--float-activations", "down_proj"], "float_activations applies to method"),
         (["--target", "(unclosed"], "invalid regex"),
         (["--method", "gptq", "--format", "int4", "--damp", "0"], "damp"),
+        (
+            ["--method", "gptq", "--format", "int4", "--weight-method", "gptq"],
+            "weight_method applies to method",
+        ),
+        (["--method", "smoothquant", "--weight-method", "awq"], "weight_method"),
     ],
 )
 def test_bad_input_exits_2_without_output(tmp_path: Path, fake_sources, args, message, capsys) -> None:

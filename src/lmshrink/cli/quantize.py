@@ -108,6 +108,9 @@ def quantize(
         help="SmoothQuant: regex of layers that keep float activations (int8 weight-only); repeatable, "
         "e.g. --float-activations down_proj",
     ),
+    weight_method: str = typer.Option(
+        "rtn", "--weight-method", help="SmoothQuant: rtn | gptq (GPTQ-rounded smoothed weights; uses the GPTQ options)"
+    ),
     damp: float = typer.Option(0.01, help="GPTQ: Hessian damping, a fraction of its mean diagonal"),
     target: list[str] | None = typer.Option(
         None, "--target", help="regex of linear layers to quantize (re.search on the module name); repeatable"
@@ -133,7 +136,7 @@ def quantize(
         method=method, format=format, group_size=group_size, act_order=act_order, true_sequential=true_sequential,
         scale_refit=scale_refit, clip_search=clip_search, alpha=alpha if alpha == "auto" else _float(alpha, "--alpha"),
         threshold=threshold, activations=activations, outliers=outliers, damp=damp,
-        float_activations=float_activations or [],
+        float_activations=float_activations or [], weight_method=weight_method,
         **({"targets": target} if target else {}), **({"skip": skip} if skip is not None else {}),
         calibration={"dataset": calib, "n_samples": n_samples, "seq_len": seq_len, "seed": seed},
     )  # fmt: skip

@@ -135,6 +135,10 @@ class QuantConfig(BaseModel):
     #: for layers whose activations per-token int8 cannot carry (smollm2-135m: ``["down_proj"]``). No int8 kernel
     #: for those layers.
     float_activations: list[str] = Field(default_factory=list)
+    #: SmoothQuant: how the smoothed int8 weights are rounded. "rtn": round to nearest (the paper); "gptq": GPTQ
+    #: on the smoothed weights with the Hessian of the smoothed inputs (llm-compressor's W8A8 recipe), using the
+    #: GPTQ options above (act_order, damp, block_size, true_sequential, scale_refit). Costs a GPTQ pass.
+    weight_method: Literal["rtn", "gptq"] = "rtn"
     # LLM.int8()
     threshold: float = Field(default=6.0, gt=0.0)
     calibration: CalibrationConfig = Field(default_factory=lambda: CalibrationConfig())
@@ -192,6 +196,11 @@ class QuantConfig(BaseModel):
         if self.float_activations and self.method != "smoothquant":
             raise LmshrinkError(
                 f"float_activations applies to method 'smoothquant' only, got method {self.method!r}"
+            )
+        if self.weight_method != "rtn" and self.method != "smoothquant":
+            raise LmshrinkError(
+                f"weight_method applies to method 'smoothquant' only (use method 'gptq' for GPTQ weights), "
+                f"got method {self.method!r}"
             )
         if self.activations == "int8" and not (
             spec.format == "int8" and spec.symmetric and self.group_size is None

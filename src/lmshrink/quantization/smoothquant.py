@@ -22,21 +22,26 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lmshrink.models.arch import set_submodule
 from lmshrink.models.layerwise import BlockInput
 from lmshrink.quantization.api import (
     Batches,
     BlockLayers,
+    feed_inputs,
     for_each_block,
     quantize_outside_blocks,
     replace_with_quantized,
 )
 from lmshrink.quantization.awq import MAX_SAMPLE_ROWS, collect_stats, fold_scale, plan_mappings
 from lmshrink.quantization.config import QuantConfig
-from lmshrink.quantization.linear import linear_weight_and_bias
+from lmshrink.quantization.gptq import GPTQ, sequential_groups
+from lmshrink.quantization.grid import IntGrid
+from lmshrink.quantization.linear import QuantLinear, linear_weight_and_bias
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +119,65 @@ def choose_scale(
     return best[1]
 
 
+@dataclass
+class LayerPlan:
+    """One layer's W8A8 recipe after smoothing: its weight (with any folded scale already in it), bias, the scale
+    kept on its input (``None`` when folded upstream or not smoothed), activation mode and outlier threshold."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    scale: torch.Tensor | None
+    act: str
+    threshold: float | None
+
+
+def replace_with_gptq(
+    block: nn.Module,
+    block_layers: BlockLayers,
+    inputs: list[BlockInput],
+    plans: dict[str, LayerPlan],
+    config: QuantConfig,
+) -> None:
+    """Swap each planned layer for int8 per-channel weights rounded by GPTQ instead of RTN (llm-compressor's W8A8
+    recipe: SmoothQuant, then GPTQ on the smoothed weights).
+
+    The Hessian is that of the input the int8 GEMM sees: the recorded input ``x`` of the smoothed float block, or
+    for a layer that keeps its scale on the input, ``x / s`` (``H / (s s^T)``, with the weight ``W * s``). With
+    ``config.true_sequential`` the groups of :func:`~lmshrink.quantization.gptq.sequential_groups` are quantized in
+    order, each group's inputs taken with the earlier groups already quantized (activation quantization is not
+    simulated in the Hessian, as in the reference)."""
+    spec = config.weight_spec()
+    grid = IntGrid(8, True, None)
+    groups = sequential_groups(block, block_layers, inputs[:1]) if config.true_sequential else [block_layers]
+    for group in groups:
+        watched = {rel: mod for _, rel, mod in (group[:1] if config.true_sequential else group)}
+        states = {rel: GPTQ(plans[rel].weight, full) for full, rel, _mod in group}
+
+        def add(rel: str, x: torch.Tensor, states: dict[str, GPTQ] = states) -> None:
+            states[rel].add_batch(x)
+
+        feed_inputs(block, watched, inputs, add)
+        first = states[next(iter(watched))]
+        for full, rel, _mod in group:
+            p, st = plans[rel], states[rel]
+            h, n = (first.h, first.n) if rel not in watched else (st.h, st.n)
+            if p.scale is not None:
+                inv = 1.0 / p.scale.float()
+                st = GPTQ(p.weight.float() * p.scale.float(), full)
+                h = h * inv[:, None] * inv[None, :]
+            st.h, st.n = h, n
+            codes, scale, zero = st.quantize(
+                grid, config.block_size, config.damp, config.act_order, False, config.scale_refit
+            )
+            q = QuantLinear.from_codes(
+                codes, scale, zero, spec, p.bias, act=p.act, input_scale=p.scale is not None, threshold=p.threshold
+            )
+            if p.scale is not None:
+                q.set_input_scale(1.0 / p.scale)
+            set_submodule(block, rel, q.to(p.weight.device))
+            del states[rel]
+
+
 def quantize_smoothquant(
     model: nn.Module, config: QuantConfig, layers: list[tuple[str, nn.Module]], calibration: Batches | None
 ) -> None:
@@ -128,6 +192,7 @@ def quantize_smoothquant(
         mods = {rel: m for _, rel, m in block_layers}
         applied, loose = plan_mappings(block, list(mods))
         folded: dict[str, torch.Tensor] = {}
+        plans: dict[str, LayerPlan] = {}
         for mp, _kind in applied:
             st = stats[mp.layers[0]]
             ws = [linear_weight_and_bias(mods[n])[0] for n in mp.layers]
@@ -159,7 +224,12 @@ def quantize_smoothquant(
                 n_float[0] += 1
             if thr is not None:
                 n_fallback[0] += 1
-            replace_with_quantized(block, rel, w, b, spec, act, s, threshold=thr)
+            plans[rel] = LayerPlan(w, b, s, act, thr)
+        if config.weight_method == "gptq":
+            replace_with_gptq(block, block_layers, inputs, plans, config)
+        else:
+            for rel, p in plans.items():
+                replace_with_quantized(block, rel, p.weight, p.bias, spec, p.act, p.scale, threshold=p.threshold)
 
     quantize_outside_blocks(model, config, for_each_block(model, layers, calibration, process))
     if n_float[0]:
