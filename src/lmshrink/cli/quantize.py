@@ -109,7 +109,9 @@ def quantize(
         "e.g. --float-activations down_proj",
     ),
     weight_method: str = typer.Option(
-        "rtn", "--weight-method", help="SmoothQuant: rtn | gptq (GPTQ-rounded smoothed weights; uses the GPTQ options)"
+        "rtn",
+        "--weight-method",
+        help="SmoothQuant: rtn | gptq (GPTQ-rounded smoothed weights; uses the GPTQ options)",
     ),
     damp: float = typer.Option(0.01, help="GPTQ: Hessian damping, a fraction of its mean diagonal"),
     target: list[str] | None = typer.Option(

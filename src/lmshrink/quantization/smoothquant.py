@@ -170,7 +170,14 @@ def replace_with_gptq(
                 grid, config.block_size, config.damp, config.act_order, False, config.scale_refit
             )
             q = QuantLinear.from_codes(
-                codes, scale, zero, spec, p.bias, act=p.act, input_scale=p.scale is not None, threshold=p.threshold
+                codes,
+                scale,
+                zero,
+                spec,
+                p.bias,
+                act=p.act,
+                input_scale=p.scale is not None,
+                threshold=p.threshold,
             )
             if p.scale is not None:
                 q.set_input_scale(1.0 / p.scale)
@@ -229,7 +236,9 @@ def quantize_smoothquant(
             replace_with_gptq(block, block_layers, inputs, plans, config)
         else:
             for rel, p in plans.items():
-                replace_with_quantized(block, rel, p.weight, p.bias, spec, p.act, p.scale, threshold=p.threshold)
+                replace_with_quantized(
+                    block, rel, p.weight, p.bias, spec, p.act, p.scale, threshold=p.threshold
+                )
 
     quantize_outside_blocks(model, config, for_each_block(model, layers, calibration, process))
     if n_float[0]:
