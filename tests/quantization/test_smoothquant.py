@@ -20,13 +20,18 @@ def test_smoothing_scale_formula() -> None:
     torch.testing.assert_close(s, torch.tensor([1.0, 2.0, 1.0]))
 
 
-def test_smoothquant_beats_naive_w8a8_with_outlier_channels(tiny_llama) -> None:
+def _outlier_channels(model: torch.nn.Module, g: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    """Give ``model``'s norms a few huge channels (outlier activations) and return 8 calibration batches."""
     with torch.no_grad():
-        for layer in tiny_llama.model.layers:
+        for layer in model.model.layers:
             layer.input_layernorm.weight[[2, 17]] = 60.0
             layer.post_attention_layernorm.weight[[5]] = 60.0
+    return [{"input_ids": torch.randint(0, 128, (1, 64), generator=g)} for _ in range(8)]
+
+
+def test_smoothquant_beats_naive_w8a8_with_outlier_channels(tiny_llama) -> None:
     g = torch.Generator().manual_seed(0)
-    calib = [{"input_ids": torch.randint(0, 128, (1, 64), generator=g)} for _ in range(8)]
+    calib = _outlier_channels(tiny_llama, g)
     ids = torch.randint(0, 128, (2, 32), generator=g)
     ref = tiny_llama(ids).logits
 
@@ -54,12 +59,8 @@ def test_gptq_weights_cut_the_weight_error_of_smoothquant(tiny_llama) -> None:
     """``weight_method="gptq"``: the smoothed int8 weights rounded by GPTQ. With float activations everywhere only
     the weight rounding differs, so the output error on the calibration text must drop clearly (measured: 0.016
     -> 0.007 relative logit error); with int8 activations it must not get worse."""
-    with torch.no_grad():
-        for layer in tiny_llama.model.layers:
-            layer.input_layernorm.weight[[2, 17]] = 60.0
-            layer.post_attention_layernorm.weight[[5]] = 60.0
     g = torch.Generator().manual_seed(0)
-    calib = [{"input_ids": torch.randint(0, 128, (1, 64), generator=g)} for _ in range(8)]
+    calib = _outlier_channels(tiny_llama, g)
     ids = torch.cat([b["input_ids"] for b in calib[:4]])
     ref = tiny_llama(ids).logits
 
