@@ -57,8 +57,8 @@ def test_alpha_extremes_run(tiny_llama, alpha: float) -> None:
 
 def test_gptq_weights_cut_the_weight_error_of_smoothquant(tiny_llama) -> None:
     """``weight_method="gptq"``: the smoothed int8 weights rounded by GPTQ. With float activations everywhere only
-    the weight rounding differs, so the output error on the calibration text must drop clearly (measured: 0.016
-    -> 0.007 relative logit error); with int8 activations it must not get worse."""
+    the weight rounding differs, so the output error on the calibration text must drop clearly (measured: 0.018
+    -> 0.0096 relative logit error); with int8 activations it must not get worse (0.034 -> 0.0315)."""
     g = torch.Generator().manual_seed(0)
     calib = _outlier_channels(tiny_llama, g)
     ids = torch.cat([b["input_ids"] for b in calib[:4]])
