@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -301,6 +302,37 @@ def _add_batch(states: dict[str, GPTQ], rel: str, x: torch.Tensor) -> None:
     states[rel].add_batch(x)
 
 
+def layer_hessians(
+    block: nn.Module,
+    block_layers: BlockLayers,
+    inputs: list[BlockInput],
+    true_sequential: bool,
+    weights: dict[str, torch.Tensor] | None = None,
+    token_clip: float | None = None,
+) -> Iterator[tuple[BlockLayers, dict[str, GPTQ]]]:
+    """Yield ``(group, states)``: each group of ``block_layers`` with one :class:`GPTQ` state per layer, its
+    Hessian accumulated from ``inputs`` run through ``block`` as it is when the group is reached.
+
+    With ``true_sequential`` the groups are those of :func:`sequential_groups` (layers reading one input tensor share
+    one Hessian, fed once); the caller swaps a group's layers for quantized ones before asking for the next group,
+    so later groups see the earlier ones quantized, and pops each state when done, so memory stays one group.
+    Otherwise the whole block is one group fed once. ``weights`` (by relative name) replaces the layers' own
+    float weights as the matrices to quantize.
+    """
+    groups = sequential_groups(block, block_layers, inputs[:1]) if true_sequential else [block_layers]
+    for group in groups:
+        states = {
+            rel: GPTQ(weights[rel] if weights else linear_weight_and_bias(mod)[0], full, token_clip)
+            for full, rel, mod in group
+        }
+        watched = group[:1] if true_sequential else group
+        feed_inputs(block, {rel: mod for _, rel, mod in watched}, inputs, partial(_add_batch, states))
+        first = states[watched[0][1]]
+        for _full, rel, _mod in group[len(watched) :]:
+            states[rel].h, states[rel].n = first.h, first.n
+        yield group, states
+
+
 def quantize_gptq(
     model: nn.Module,
     config: QuantConfig,
@@ -320,19 +352,10 @@ def quantize_gptq(
     grid = IntGrid(spec.bits, spec.symmetric, spec.group_size)
 
     def process(_index: int, block: nn.Module, block_layers: BlockLayers, inputs: list[BlockInput]) -> None:
-        groups = (
-            sequential_groups(block, block_layers, inputs[:1]) if config.true_sequential else [block_layers]
-        )
-        for group in groups:
-            states = {rel: GPTQ(linear_weight_and_bias(mod)[0], full, token_clip) for full, rel, mod in group}
-            # true-sequential groups read one input tensor (sequential_groups): one Hessian serves them all
-            watched = group[:1] if config.true_sequential else group
-            feed_inputs(block, {rel: mod for _, rel, mod in watched}, inputs, partial(_add_batch, states))
-            first = states[watched[0][1]]
-            for _full, rel, _mod in group[len(watched) :]:
-                states[rel].h, states[rel].n = first.h, first.n
+        hessians = layer_hessians(block, block_layers, inputs, config.true_sequential, token_clip=token_clip)
+        for group, states in hessians:
             for _full, rel, mod in group:
-                codes, scale, zero = states[rel].quantize(
+                codes, scale, zero = states.pop(rel).quantize(
                     grid,
                     config.block_size,
                     config.damp,
@@ -343,7 +366,6 @@ def quantize_gptq(
                 bias = linear_weight_and_bias(mod)[1]
                 q = QuantLinear.from_codes(codes, scale, zero, spec, bias, act=config.act_mode)
                 set_submodule(block, rel, q.to(codes.device))
-                del states[rel]
 
     outside = for_each_block(model, layers, calibration, process)
     if outside:

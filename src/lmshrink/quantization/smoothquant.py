@@ -32,14 +32,13 @@ from lmshrink.models.layerwise import BlockInput
 from lmshrink.quantization.api import (
     Batches,
     BlockLayers,
-    feed_inputs,
     for_each_block,
     quantize_outside_blocks,
     replace_with_quantized,
 )
 from lmshrink.quantization.awq import MAX_SAMPLE_ROWS, collect_stats, fold_scale, plan_mappings
 from lmshrink.quantization.config import QuantConfig
-from lmshrink.quantization.gptq import GPTQ, sequential_groups
+from lmshrink.quantization.gptq import layer_hessians
 from lmshrink.quantization.grid import IntGrid
 from lmshrink.quantization.linear import QuantLinear, linear_weight_and_bias
 
@@ -148,24 +147,15 @@ def replace_with_gptq(
     simulated in the Hessian, as in the reference)."""
     spec = config.weight_spec()
     grid = IntGrid(8, True, None)
-    groups = sequential_groups(block, block_layers, inputs[:1]) if config.true_sequential else [block_layers]
-    for group in groups:
-        watched = {rel: mod for _, rel, mod in (group[:1] if config.true_sequential else group)}
-        states = {rel: GPTQ(plans[rel].weight, full) for full, rel, _mod in group}
-
-        def add(rel: str, x: torch.Tensor, states: dict[str, GPTQ] = states) -> None:
-            states[rel].add_batch(x)
-
-        feed_inputs(block, watched, inputs, add)
-        first = states[next(iter(watched))]
-        for full, rel, _mod in group:
-            p, st = plans[rel], states[rel]
-            h, n = (first.h, first.n) if rel not in watched else (st.h, st.n)
+    weights = {
+        rel: p.weight if p.scale is None else p.weight.float() * p.scale.float() for rel, p in plans.items()
+    }
+    for group, states in layer_hessians(block, block_layers, inputs, config.true_sequential, weights):
+        for _full, rel, _mod in group:
+            p, st = plans[rel], states.pop(rel)
             if p.scale is not None:
                 inv = 1.0 / p.scale.float()
-                st = GPTQ(p.weight.float() * p.scale.float(), full)
-                h = h * inv[:, None] * inv[None, :]
-            st.h, st.n = h, n
+                st.h = st.h * inv[:, None] * inv[None, :]
             codes, scale, zero = st.quantize(
                 grid, config.block_size, config.damp, config.act_order, False, config.scale_refit
             )
@@ -182,7 +172,6 @@ def replace_with_gptq(
             if p.scale is not None:
                 q.set_input_scale(1.0 / p.scale)
             set_submodule(block, rel, q.to(p.weight.device))
-            del states[rel]
 
 
 def quantize_smoothquant(
