@@ -44,6 +44,7 @@ def fake_sources(monkeypatch: pytest.MonkeyPatch, make_tiny_llama) -> None:
         ["--method", "smoothquant", "--format", "int8"],
         ["--method", "smoothquant", "--format", "int8", "--weight-method", "gptq", "--scale-refit", "0"],
         ["--method", "rtn", "--format", "int4-asym", "--group-size", "32", "--clip-search"],
+        ["--method", "rtn", "--format", "int8", "--activations", "int8", "--rotate"],
     ],
 )
 def test_quantize_writes_a_loadable_directory(tmp_path: Path, fake_sources, args: list[str], capsys) -> None:
@@ -56,9 +57,11 @@ def test_quantize_writes_a_loadable_directory(tmp_path: Path, fake_sources, args
     m, _ = load_model(str(out))
     assert sum(isinstance(x, QuantLinear) for x in m.modules()) == 14
     # W8A8 on a CPU whose int8 pairs saturate: the summary says how the kernel copes; never for weight-only
-    w8a8_here = "smoothquant" in args and cpu_kernels.fbgemm_available() and cpu_kernels.int8_pairs_saturate()
+    w8a8 = "smoothquant" in args or "--activations" in args
+    w8a8_here = w8a8 and cpu_kernels.fbgemm_available() and cpu_kernels.int8_pairs_saturate()
     flat = "".join(ch for ch in printed if ch not in "│┃ \n")  # the table may wrap the note
     assert ("7-bitactivations" in flat) == w8a8_here
+    assert ("residualstream,randomizedHadamard" in flat) == ("--rotate" in args)
 
 
 def _quantized(out: Path) -> dict[str, QuantLinear]:
@@ -130,3 +133,12 @@ def test_bad_input_exits_2_without_output(tmp_path: Path, fake_sources, args, me
     assert main(["quantize", "tiny", *args, "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_rotated_model_info_says_so(tmp_path: Path, fake_sources, capsys) -> None:
+    out = tmp_path / "q"
+    assert main(["quantize", "tiny", "--format", "int8", "--rotate", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    flat = "".join(ch for ch in capsys.readouterr().out if ch not in "│┃ \n")
+    assert "residualstreamrotated" in flat

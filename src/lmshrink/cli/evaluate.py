@@ -208,6 +208,10 @@ def model_info(net: Any, spec: str) -> dict[str, Any]:
         compute = f"dequantize on the fly ({kernels['dequantize_on_the_fly']} modules)"
     else:
         compute = "dense float matmuls"
+    from lmshrink.quantization.rotation import is_rotated
+
+    if is_rotated(net):
+        compute += "; residual stream rotated (two extra hidden x hidden products per token)"
     return {
         "model": spec,
         "architecture": type(net).__name__,

@@ -51,6 +51,11 @@ def _summary(model: Any, cfg: Any, out: Path, seconds: float) -> Table:
         ("quantized layers", str(len(layers))),
         ("group size", str(cfg.group_size or "per-channel")),
         ("activations", cfg.act_mode),
+        *(
+            [("rotation", f"residual stream, randomized Hadamard (seed {cfg.rotation_seed})")]
+            if cfg.rotate
+            else []
+        ),
         ("bits per quantized weight (incl. scales)", f"{bits:.3f}"),
         ("kernels (CPU)", ", ".join(f"{k} x{v}" for k, v in kernels.items())),
         ("output", str(out)),
@@ -123,6 +128,13 @@ def quantize(
         help="regex of linear layers to leave in float; repeatable; replaces the default "
         "(embeddings, lm_head, classifier and pooler heads)",
     ),
+    rotate: bool = typer.Option(
+        False,
+        "--rotate/--no-rotate",
+        help="rotate the residual stream by a random orthogonal matrix first (QuaRot): fewer activation "
+        "outliers; Llama-family models",
+    ),
+    rotation_seed: int = typer.Option(0, "--rotation-seed", help="seed of the --rotate matrix"),
     embeddings: bool = typer.Option(
         False,
         "--embeddings/--no-embeddings",
@@ -138,7 +150,8 @@ def quantize(
         method=method, format=format, group_size=group_size, act_order=act_order, true_sequential=true_sequential,
         scale_refit=scale_refit, clip_search=clip_search, alpha=alpha if alpha == "auto" else _float(alpha, "--alpha"),
         threshold=threshold, activations=activations, outliers=outliers, damp=damp,
-        float_activations=float_activations or [], weight_method=weight_method,
+        float_activations=float_activations or [], weight_method=weight_method, rotate=rotate,
+        rotation_seed=rotation_seed,
         **({"targets": target} if target else {}), **({"skip": skip} if skip is not None else {}),
         calibration={"dataset": calib, "n_samples": n_samples, "seq_len": seq_len, "seed": seed},
     )  # fmt: skip

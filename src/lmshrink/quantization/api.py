@@ -84,6 +84,10 @@ def _validate(model: nn.Module, config: QuantConfig, calibration: Batches | None
         from lmshrink.quantization.linear import _get_codec
 
         _get_codec(spec.format)
+    if config.rotate:
+        from lmshrink.quantization.rotation import check_rotatable
+
+        check_rotatable(model)
     return layers
 
 
@@ -111,9 +115,18 @@ def quantize_model(
         emb_plan = plan_embeddings(model, cfg.weight_spec())
     log.info("quantizing %d linear layers with %s/%s", len(layers), cfg.method, cfg.format)
     with torch.no_grad():
+        if cfg.rotate:
+            from lmshrink.quantization.rotation import rotate_model
+
+            rotate_model(model, cfg.rotation_seed, cfg.online_hadamard)
+            layers = list(select_linears(model, cfg.targets, cfg.skip))  # down_proj now sits in a wrapper
         handler(model, cfg, layers, calibration)
         if emb_plan is not None:
             quantize_embeddings(model, cfg.weight_spec(), emb_plan)
+            if cfg.rotate:
+                from lmshrink.quantization.rotation import install_rotation
+
+                install_rotation(model)  # the embedding module was replaced: hook the new one
     model.lmshrink_format = "quantized"  # type: ignore[assignment]
     model.lmshrink_quant_config = cfg.model_dump(mode="json")  # type: ignore[assignment]
     return model

@@ -142,6 +142,15 @@ class QuantConfig(BaseModel):
     #: C4 32 x 512: ppl +1.32% -> +0.95% vs fp32, KL 0.0105 -> 0.0098 (bench/results/*_sqgptq_exact_8k.md); on
     #: 102,350 tokens +0.70% -> +0.88%, KL 0.0105 -> 0.0094 (*_sqgptq_exact_100k.md): lower KL, not perplexity.
     weight_method: Literal["rtn", "gptq"] = "rtn"
+    #: Rotate the residual stream by a random orthogonal matrix before quantizing (QuaRot / SpinQuant R1, not
+    #: learned; :mod:`lmshrink.quantization.rotation`): the same float function, with the outlier channels spread
+    #: over all channels, so W8A8 activations and low-bit weights lose less. Llama-family models only; any method.
+    rotate: bool = False
+    #: Seed of the random rotation (signs and the non-power-of-two factor).
+    rotation_seed: int = 0
+    #: With ``rotate``: also multiply each ``down_proj`` input online by a block Walsh-Hadamard matrix (QuaRot's
+    #: R4; the weight holds ``W H``), for the SwiGLU outliers the residual rotation does not reach.
+    online_hadamard: bool = True
     # LLM.int8()
     threshold: float = Field(default=6.0, gt=0.0)
     calibration: CalibrationConfig = Field(default_factory=lambda: CalibrationConfig())

@@ -34,6 +34,7 @@ from lmshrink.errors import CorruptFileError, LmshrinkError
 from lmshrink.models.arch import is_linear, set_submodule
 from lmshrink.quantization.config import WeightSpec
 from lmshrink.quantization.linear import QuantLinear, linear_weight_and_bias
+from lmshrink.quantization.rotation import ROTATION_BUFFER, check_orthogonal, restore_rotation
 from lmshrink.utils.io import atomic_path
 from lmshrink.utils.safe_load import (
     SafetensorsHeader,
@@ -253,7 +254,7 @@ def _cast_float_tensors(model: nn.Module, dtype: torch.dtype) -> None:
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
         for k, b in mod._buffers.items():
-            if b is not None and b.is_floating_point():
+            if b is not None and b.is_floating_point() and k != ROTATION_BUFFER:  # the rotation stays float32
                 mod._buffers[k] = b.to(dtype)
 
 
@@ -271,6 +272,11 @@ def load_quantized(
     weights = safe_file_name(path, manifest.get("weights", WEIGHTS_FILE), "weights")
     header = read_safetensors_header(weights)
     model = _build_skeleton(path, manifest, header)
+    qcfg = quant.get("config")
+    rotated = isinstance(qcfg, dict) and qcfg.get("rotate") is True
+    if rotated:
+        assert isinstance(qcfg, dict)
+        restore_rotation(model, qcfg.get("online_hadamard") is True)
     _swap_layers(model, quant.get("layers"))
     aliases = manifest.get("tied") or {}
     if not isinstance(aliases, dict) or not all(
@@ -291,6 +297,10 @@ def load_quantized(
             and not torch.isfinite(t).all()
         ):
             raise CorruptFileError(f"{path}: tensor {name!r} holds NaN or Inf scales")
+    if rotated:
+        rot = next((t for n, t in tensors.items() if n.endswith(ROTATION_BUFFER)), None)
+        if rot is None or not check_orthogonal(rot):
+            raise CorruptFileError(f"{path}: the stored rotation matrix is missing or not orthogonal")
     for alias, target in aliases.items():
         if target not in tensors:
             raise CorruptFileError(f"{path}: tied tensor {alias!r} points at unknown {target!r}")
