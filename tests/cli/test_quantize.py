@@ -45,6 +45,20 @@ def fake_sources(monkeypatch: pytest.MonkeyPatch, make_tiny_llama) -> None:
         ["--method", "smoothquant", "--format", "int8", "--weight-method", "gptq", "--scale-refit", "0"],
         ["--method", "rtn", "--format", "int4-asym", "--group-size", "32", "--clip-search"],
         ["--method", "rtn", "--format", "int8", "--activations", "int8", "--rotate"],
+        [
+            "--method",
+            "gptq",
+            "--format",
+            "int4",
+            "--n-samples",
+            "2",
+            "--seq-len",
+            "16",
+            "--rotate",
+            "--no-online-hadamard",
+            "--scale-refit",
+            "0",
+        ],
     ],
 )
 def test_quantize_writes_a_loadable_directory(tmp_path: Path, fake_sources, args: list[str], capsys) -> None:
@@ -62,6 +76,9 @@ def test_quantize_writes_a_loadable_directory(tmp_path: Path, fake_sources, args
     flat = "".join(ch for ch in printed if ch not in "│┃ \n")  # the table may wrap the note
     assert ("7-bitactivations" in flat) == w8a8_here
     assert ("residualstream,randomizedHadamard" in flat) == ("--rotate" in args)
+    assert ("onlineHadamardondown_proj" in flat) == (
+        "--rotate" in args and "--no-online-hadamard" not in args
+    )
 
 
 def _quantized(out: Path) -> dict[str, QuantLinear]:

@@ -35,6 +35,11 @@ def _float(text: str, option: str) -> float:
         raise LmshrinkError(f"{option} must be a number or 'auto', got {text!r}") from None
 
 
+def _rotation_note(cfg: Any) -> str:
+    note = f"residual stream, randomized Hadamard (seed {cfg.rotation_seed})"
+    return note + (" + online Hadamard on down_proj inputs" if cfg.online_hadamard else "")
+
+
 def _summary(model: Any, cfg: Any, out: Path, seconds: float) -> Table:
     from lmshrink.kernels.cpu import int8_kernel_note
     from lmshrink.quantization.linear import QuantLinear
@@ -51,11 +56,7 @@ def _summary(model: Any, cfg: Any, out: Path, seconds: float) -> Table:
         ("quantized layers", str(len(layers))),
         ("group size", str(cfg.group_size or "per-channel")),
         ("activations", cfg.act_mode),
-        *(
-            [("rotation", f"residual stream, randomized Hadamard (seed {cfg.rotation_seed})")]
-            if cfg.rotate
-            else []
-        ),
+        *([("rotation", _rotation_note(cfg))] if cfg.rotate else []),
         ("bits per quantized weight (incl. scales)", f"{bits:.3f}"),
         ("kernels (CPU)", ", ".join(f"{k} x{v}" for k, v in kernels.items())),
         ("output", str(out)),
@@ -135,6 +136,11 @@ def quantize(
         "outliers; Llama-family models",
     ),
     rotation_seed: int = typer.Option(0, "--rotation-seed", help="seed of the --rotate matrix"),
+    online_hadamard: bool = typer.Option(
+        True,
+        "--online-hadamard/--no-online-hadamard",
+        help="with --rotate: also an online block-Hadamard on each down_proj input (QuaRot's R4)",
+    ),
     embeddings: bool = typer.Option(
         False,
         "--embeddings/--no-embeddings",
@@ -151,7 +157,7 @@ def quantize(
         scale_refit=scale_refit, clip_search=clip_search, alpha=alpha if alpha == "auto" else _float(alpha, "--alpha"),
         threshold=threshold, activations=activations, outliers=outliers, damp=damp,
         float_activations=float_activations or [], weight_method=weight_method, rotate=rotate,
-        rotation_seed=rotation_seed,
+        rotation_seed=rotation_seed, online_hadamard=online_hadamard,
         **({"targets": target} if target else {}), **({"skip": skip} if skip is not None else {}),
         calibration={"dataset": calib, "n_samples": n_samples, "seq_len": seq_len, "seed": seed},
     )  # fmt: skip
