@@ -17,7 +17,7 @@ stored as ``W H``.
 
 The embedding table and the LM head stay as they are (so tied tables stay tied): the stream is rotated online
 after the embedding lookup and rotated back just before the final norm, one ``n x n`` product per token at each
-end (smollm2-135m: 2 x 576^2 multiply-adds per token, 0.3% of the model's). ``Q`` is stored as the buffer
+end (smollm2-135m: 2 x 576^2 multiply-adds per token, 0.5% of the model's 134 M). ``Q`` is stored as the buffer
 ``lmshrink_rotation`` of the final norm, so saved models carry it and :func:`restore_rotation` reinstates the
 two hooks at load time.
 
