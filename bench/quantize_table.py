@@ -270,6 +270,28 @@ def make_rows(
             {**extra, "format": f"int4{key}", "group_size": gs} | ({"clip_search": True} if mse else {})
         ]
     ]
+    # QuaRot: residual rotation + online Hadamard on down_proj, then the method (lmshrink.quantization.rotation)
+    rotated_rows = [
+        Row(
+            f"{key}-rot",
+            f"{name} on the rotated model (residual rotation + online Hadamard on down_proj)",
+            bits,
+            _lmshrink({**cfg, "rotate": True}),
+            needs_calibration=cfg.get("method", "rtn") != "rtn",
+            default=False,
+        )
+        for key, name, bits, cfg in (
+            ("int8-rtn-w8a8", "int8 per-channel RTN W8A8", "W8A8", {"format": "int8", "activations": "int8"}),
+            ("smoothquant", "SmoothQuant W8A8", "W8A8", {"method": "smoothquant", "format": "int8"}),
+            (f"int4-g{group}-rtn", f"int4 g{group} RTN", "W4", {"format": "int4", "group_size": group}),
+            (
+                f"int4-g{group}-gptq",
+                f"int4 g{group} GPTQ{ao}{ts}",
+                "W4",
+                {**gptq_opts, "format": "int4", "group_size": group},
+            ),
+        )
+    ]
     return [
         Row("bf16", "bf16 (all weights and activations)", "16", _bf16, save_flat_safetensors),
         Row("int8-rtn", "int8 per-channel RTN, weight-only", "W8", _lmshrink({"format": "int8"})),
@@ -305,39 +327,10 @@ def make_rows(
             default=False,
         ),
         Row(
-            "int8-rtn-w8a8-rot",
-            "int8 per-channel RTN W8A8, rotated (QuaRot: residual rotation + online Hadamard on down_proj)",
-            "W8A8",
-            _lmshrink({"format": "int8", "activations": "int8", "rotate": True}),
-            default=False,
-        ),
-        Row(
-            "smoothquant-rot",
-            "SmoothQuant W8A8 on the rotated model (residual rotation + online Hadamard on down_proj)",
-            "W8A8",
-            _lmshrink({"method": "smoothquant", "format": "int8", "rotate": True}),
-            needs_calibration=True,
-            default=False,
-        ),
-        Row(
             "llm-int8", "LLM.int8() (threshold 6.0)", "W8A8+fp32 outliers", _lmshrink({"method": "llm-int8"})
         ),
         *int4_rows,
-        Row(
-            f"int4-g{group}-gptq-rot",
-            f"int4 g{group} GPTQ{ao}{ts} on the rotated model",
-            "W4",
-            _lmshrink({**gptq_opts, "format": "int4", "group_size": group, "rotate": True}),
-            needs_calibration=True,
-            default=False,
-        ),
-        Row(
-            f"int4-g{group}-rtn-rot",
-            f"int4 g{group} RTN on the rotated model",
-            "W4",
-            _lmshrink({"format": "int4", "group_size": group, "rotate": True}),
-            default=False,
-        ),
+        *rotated_rows,
         Row("nf4", f"NF4 RTN, blocks of {group}", "W4", _lmshrink({"format": "nf4", "group_size": group})),
         Row(
             "ternary", "1.58-bit RTN (BitNet absmean, per tensor)", "W1.58", _lmshrink({"format": "1.58bit"})
