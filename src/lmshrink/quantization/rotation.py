@@ -47,8 +47,11 @@ from lmshrink.models.arch import find_layers, set_submodule
 #: Buffer name of the rotation matrix (on the final norm module).
 ROTATION_BUFFER = "lmshrink_rotation"
 
-_READS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
-_READS_MLP = {"post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+#: Each block norm and the layers that read its output (they take its gain and ``Q``).
+_READS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
 _WRITES = ("self_attn.o_proj", "mlp.down_proj")
 
 
@@ -147,13 +150,17 @@ def _check_norm(where: str, norm: nn.Module | None, hidden: int) -> None:
         raise LmshrinkError(f"rotation: the norm at {where} must have a ({hidden},) weight and no bias")
 
 
+def _final_norm(model: nn.Module) -> nn.Module | None:
+    norm = getattr(getattr(model, "base_model", model), "norm", None)
+    return norm if isinstance(norm, nn.Module) else None
+
+
 def _plan(model: nn.Module) -> _Plan:
     """Check that ``model`` can be rotated (raises :class:`LmshrinkError` naming what is missing)."""
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if not isinstance(hidden, int):
         raise LmshrinkError("rotation needs a transformers model whose config has hidden_size")
-    base = getattr(model, "base_model", model)
-    norm = getattr(base, "norm", None)
+    norm = _final_norm(model)
     _check_norm("the final norm (model.norm)", norm, hidden)
     assert norm is not None
     if hasattr(norm, ROTATION_BUFFER):
@@ -164,7 +171,7 @@ def _plan(model: nn.Module) -> _Plan:
     path, blocks = find_layers(model)
     for i, block in enumerate(blocks):
         where = f"{path}.{i}"
-        for norm_name, lins in (*_READS.items(), *_READS_MLP.items()):
+        for norm_name, lins in _READS:
             _check_norm(f"{where}.{norm_name}", _sub(block, norm_name), hidden)
             for lin in lins:
                 _check_linear(where, lin, _sub(block, lin), hidden, reads=True)
@@ -225,7 +232,7 @@ def _remove_hooks(mod: nn.Module) -> None:
 
 def install_rotation(model: nn.Module) -> None:
     """(Re)install the two online hooks of a rotated model, e.g. after its embedding module was replaced."""
-    norm = getattr(getattr(model, "base_model", model), "norm", None)
+    norm = _final_norm(model)
     if norm is None or not hasattr(norm, ROTATION_BUFFER):
         raise LmshrinkError("the model holds no rotation matrix (rotate_model first)")
     emb = model.get_input_embeddings()  # type: ignore[operator]
@@ -236,7 +243,7 @@ def install_rotation(model: nn.Module) -> None:
 
 
 def is_rotated(model: nn.Module) -> bool:
-    norm = getattr(getattr(model, "base_model", model), "norm", None)
+    norm = _final_norm(model)
     return norm is not None and hasattr(norm, ROTATION_BUFFER)
 
 
@@ -250,7 +257,7 @@ def rotate_model(model: nn.Module, seed: int = 0, online_hadamard: bool = True) 
     plan = _plan(model)
     q = rotation_matrix(plan.hidden, seed)
     for block in plan.blocks:
-        for norm_name, lins in (*_READS.items(), *_READS_MLP.items()):
+        for norm_name, lins in _READS:
             gain = _weight(block.get_submodule(norm_name))
             g = gain.double()
             for lin_name in lins:
@@ -280,7 +287,7 @@ def restore_rotation(model: nn.Module, online_hadamard: bool) -> None:
     empty ``(n, n)`` rotation buffer (filled by ``load_state_dict``), the hooks, and the ``HadamardInput``
     wrappers."""
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    norm = getattr(getattr(model, "base_model", model), "norm", None)
+    norm = _final_norm(model)
     if not isinstance(hidden, int) or norm is None:
         raise LmshrinkError("the saved quantization config says 'rotate', but the model has no final norm")
     norm.register_buffer(ROTATION_BUFFER, torch.zeros(hidden, hidden, device=_weight(norm).device))

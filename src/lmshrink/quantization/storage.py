@@ -272,10 +272,10 @@ def load_quantized(
     weights = safe_file_name(path, manifest.get("weights", WEIGHTS_FILE), "weights")
     header = read_safetensors_header(weights)
     model = _build_skeleton(path, manifest, header)
-    qcfg = quant.get("config")
-    rotated = isinstance(qcfg, dict) and qcfg.get("rotate") is True
+    raw_cfg = quant.get("config")
+    qcfg: dict[str, Any] = raw_cfg if isinstance(raw_cfg, dict) else {}
+    rotated = qcfg.get("rotate") is True
     if rotated:
-        assert isinstance(qcfg, dict)
         restore_rotation(model, qcfg.get("online_hadamard") is True)
     _swap_layers(model, quant.get("layers"))
     aliases = manifest.get("tied") or {}
