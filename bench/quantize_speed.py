@@ -123,6 +123,12 @@ def variants(
         "bf16 cast (context, not quantization)": lambda: copy.deepcopy(base).to(torch.bfloat16),
         "int8 W8A8 RTN (per-channel W, per-token A)": q(QuantConfig(format="int8", activations="int8")),
         "int8 W8A8 SmoothQuant": q(QuantConfig(method="smoothquant", format="int8")),
+        "int8 W8A8 RTN, rotated (QuaRot residual rotation + online Hadamard)": q(
+            QuantConfig(format="int8", activations="int8", rotate=True)
+        ),
+        "int8 W8A8 GPTQ, rotated (QuaRot residual rotation + online Hadamard)": q(
+            QuantConfig(method="gptq", format="int8", activations="int8", rotate=True)
+        ),
         "int8 weight-only RTN per-channel": q(QuantConfig(format="int8", activations="float")),
         "int8 weight-only RTN per-channel + embeddings/LM head": q(
             QuantConfig(format="int8", activations="float"), embeddings=True

@@ -281,7 +281,14 @@ def make_rows(
             default=False,
         )
         for key, name, bits, cfg in (
+            ("int8-rtn", "int8 per-channel RTN, weight-only", "W8", {"format": "int8"}),
             ("int8-rtn-w8a8", "int8 per-channel RTN W8A8", "W8A8", {"format": "int8", "activations": "int8"}),
+            (
+                "int8-gptq-w8a8",
+                f"int8 per-channel GPTQ{ao}{ts} W8A8",
+                "W8A8",
+                {**gptq_opts, "format": "int8", "activations": "int8"},
+            ),
             ("smoothquant", "SmoothQuant W8A8", "W8A8", {"method": "smoothquant", "format": "int8"}),
             (f"int4-g{group}-rtn", f"int4 g{group} RTN", "W4", {"format": "int4", "group_size": group}),
             (

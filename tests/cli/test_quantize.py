@@ -152,10 +152,13 @@ def test_bad_input_exits_2_without_output(tmp_path: Path, fake_sources, args, me
     assert not out.exists()
 
 
-def test_rotated_model_info_says_so(tmp_path: Path, fake_sources, capsys) -> None:
+@pytest.mark.parametrize("online", [True, False])
+def test_rotated_model_info_says_so(tmp_path: Path, fake_sources, capsys, online: bool) -> None:
     out = tmp_path / "q"
-    assert main(["quantize", "tiny", "--format", "int8", "--rotate", "--out", str(out)]) == 0
+    args = ["quantize", "tiny", "--format", "int8", "--rotate", *([] if online else ["--no-online-hadamard"])]
+    assert main([*args, "--out", str(out)]) == 0
     capsys.readouterr()
     assert main(["info", str(out)]) == 0
     flat = "".join(ch for ch in capsys.readouterr().out if ch not in "│┃ \n")
     assert "residualstreamrotated" in flat
+    assert ("onlineblockHadamardon2layerinputs" in flat) == online

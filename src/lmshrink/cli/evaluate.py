@@ -208,10 +208,17 @@ def model_info(net: Any, spec: str) -> dict[str, Any]:
         compute = f"dequantize on the fly ({kernels['dequantize_on_the_fly']} modules)"
     else:
         compute = "dense float matmuls"
-    from lmshrink.quantization.rotation import is_rotated
+    from lmshrink.quantization.rotation import HadamardInput, is_rotated
 
     if is_rotated(net):
         compute += "; residual stream rotated (two extra hidden x hidden products per token)"
+    hadamards = [m for m in net.modules() if isinstance(m, HadamardInput)]
+    if hadamards:
+        blocks = sorted({m.block for m in hadamards})
+        compute += (
+            f"; online block Hadamard on {len(hadamards)} layer inputs"
+            f" (blocks of {', '.join(map(str, blocks))}, one extra small matmul pair per call)"
+        )
     return {
         "model": spec,
         "architecture": type(net).__name__,
