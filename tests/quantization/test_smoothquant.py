@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from lmshrink.kernels import cpu as cpu_kernels
 from lmshrink.kernels.cpu import fbgemm_available
 from lmshrink.quantization import quantize_model
 from lmshrink.quantization.linear import QuantLinear
@@ -55,10 +56,15 @@ def test_alpha_extremes_run(tiny_llama, alpha: float) -> None:
     assert torch.isfinite(m(torch.randint(0, 128, (1, 8))).logits).all()
 
 
-def test_gptq_weights_cut_the_weight_error_of_smoothquant(tiny_llama) -> None:
+def test_gptq_weights_cut_the_weight_error_of_smoothquant(tiny_llama, monkeypatch) -> None:
     """``weight_method="gptq"``: the smoothed int8 weights rounded by GPTQ. With float activations everywhere only
     the weight rounding differs, so the output error on the calibration text must drop clearly (measured: 0.018
-    -> 0.0096 relative logit error); with int8 activations it must not get worse (0.034 -> 0.0315)."""
+    -> 0.0096 relative logit error); with int8 activations it must not get worse (0.034 -> 0.0315).
+
+    The weight-only layers are kept on float32 kernels: on CPUs with native bf16 (AVX512-BF16, AMX) they would run
+    ``_weight_int8pack_mm`` with bf16 activations, whose rounding (measured there: 0.019 -> 0.016) hides the weight
+    rounding this test is about."""
+    monkeypatch.setattr(cpu_kernels, "bf16_matmul_available", lambda: False)
     g = torch.Generator().manual_seed(0)
     calib = _outlier_channels(tiny_llama, g)
     ids = torch.cat([b["input_ids"] for b in calib[:4]])
