@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -194,10 +196,17 @@ def test_amx_path_identical_with_and_without_fused_helpers(monkeypatch: pytest.M
 
 
 # ---- weight-only GEMV kernels with float32 activations (AVX2 + FMA CPUs without native bf16) ------------------
-needs_avx2_gemv = pytest.mark.skipif(
-    cpu.bf16_matmul_available() or not cpu.avx2_gemv_available(),
-    reason="AVX2 GEMV kernels not built here, or the CPU uses the bf16 kernels",
-)
+@pytest.fixture
+def float32_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hide native bf16, so QuantLinear picks the AVX2 GEMV kernels on CPUs that would use the bf16 ones."""
+    monkeypatch.setattr(cpu, "bf16_matmul_available", lambda: False)
+
+
+def needs_avx2_gemv(test: Any) -> Any:
+    """Run ``test`` on the AVX2 GEMV kernels (on every CPU that has them, bf16-capable ones included)."""
+    skip = pytest.mark.skipif(not cpu.avx2_gemv_available(), reason="AVX2 GEMV kernels not built here")
+    return pytest.mark.usefixtures("float32_kernels")(skip(test))
+
 
 _GEMV_CASES = [
     ("int8", None, "int8-weight-only-cpu-avx2"),
