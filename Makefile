@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test lint typecheck pytest test-slow clean
+.PHONY: venv demo test lint typecheck pytest test-slow gpu-wheels clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,12 @@ test: lint typecheck pytest
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
+
+# for bench/gpu_check.sh on the device machine (Python 3.12 image without pydantic; no network there)
+gpu-wheels: $(STAMP)
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_17_x86_64 -d .whl/gpu -c constraints.txt \
+	  pydantic pydantic-core annotated-types typing-inspection typing-extensions
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -41,7 +41,42 @@ def test_fp8_matches_reference() -> None:
         pytest.skip("FP8 needs compute capability 8.9+")
     torch.manual_seed(0)
     w = torch.randn(256, 512, device="cuda")
-    x = torch.randn(32, 512, device="cuda", dtype=torch.bfloat16)
-    y = cuda.fp8_linear_cuda(x, w).float()
-    ref = x.float() @ w.t()
-    assert ((y - ref).norm() / ref.norm()).item() < 0.1
+    w8, ws = cuda.fp8_weight_rowwise(w)
+    for m in (1, 17, 64):
+        x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+        y = cuda.fp8_linear_cuda(x, w8, ws).float()
+        ref = x.float() @ w.t()
+        assert y.shape == (m, 256)
+        assert ((y - ref).norm() / ref.norm()).item() < 0.1
+
+
+@pytest.mark.parametrize(
+    ("fmt", "group", "act", "kernel", "tol"),
+    [
+        ("int4", 128, "float", "cuda-int4-weight-only", 0.02),
+        ("int4-asym", 64, "float", "cuda-int4-weight-only", 0.02),
+        ("int8", None, "int8", "cuda-int8-mm", 0.03),
+        ("fp8", None, "float", "cuda-fp8-scaled-mm", 0.1),
+    ],
+)
+def test_quant_linear_on_cuda_matches_its_decoded_weight(
+    fmt: str, group: int | None, act: str, kernel: str, tol: float
+) -> None:
+    """The whole layer on its CUDA kernel against ``x @ dequantize_weight().T`` (catches layout / zero-point
+    mistakes that the raw-kernel tests above cannot: codes, scales and zeros as lmshrink stores them)."""
+    from lmshrink.quantization.config import WeightSpec
+    from lmshrink.quantization.linear import QuantLinear
+
+    if fmt == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs compute capability 8.9+")
+    torch.manual_seed(0)
+    spec = WeightSpec.parse(fmt, group_size=group)
+    layer = QuantLinear.from_weight(torch.randn(384, 512), torch.randn(384), spec, act=act).cuda()
+    assert layer.kernel_name == kernel
+    ref_w = layer.dequantize_weight()
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(2, 9, 512, device="cuda", dtype=dtype)
+        y = layer(x)
+        assert y.dtype == dtype and y.shape == (2, 9, 384)
+        ref = x.float() @ ref_w.t() + layer.bias
+        assert ((y.float() - ref).norm() / ref.norm()).item() < tol
