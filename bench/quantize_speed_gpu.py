@@ -162,6 +162,7 @@ def _attempt(fn: Callable[[], Any]) -> tuple[Any, str | None]:
 
 
 # --------------------------------------------------------------------------------------------- kernels
+@torch.inference_mode()
 def kernel_rows(args: argparse.Namespace, dev: torch.device, base_dtype: torch.dtype) -> list[dict[str, Any]]:
     from lmshrink.quantization.config import QuantConfig
     from lmshrink.quantization.linear import QuantLinear
@@ -374,7 +375,9 @@ def model_rows(
                     lambda model=model, t=t: prefill_ms(model, t, args.prefill_repeats)
                 )
             if dev.type == "cuda":
-                row["weights_gib"] = torch.cuda.memory_allocated(dev) / 2**30
+                row["gpu_allocated_gib"] = (
+                    torch.cuda.memory_allocated(dev) / 2**30
+                )  # the baseline model included
             rows.append(row)
             log.info("model %s %s: %s", name, vname, {k: v for k, v in row.items() if k.endswith("_ms")})
             if model is not base:
