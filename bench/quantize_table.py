@@ -75,36 +75,69 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 log = logging.getLogger("quantize_table")
 
-#: Where ``--model float-llama`` lives (outside the repository).
-FLOAT_LLAMA_DIR = Path(os.environ.get("LMSHRINK_FLOAT_LLAMA", "~/.cache/lmshrink/float-llama")).expanduser()
-#: The float model's recipe: lmshrink's own ``train_teacher`` on the WikiText-103 train excerpt.
-FLOAT_LLAMA_RECIPE: dict[str, Any] = {
-    "data": "wikitext103 (train excerpt, lmshrink.distillation.teacher.load_corpus)",
-    "hidden_size": 384,
-    "num_layers": 4,
-    "num_heads": 6,
-    "vocab_size": 4096,
-    "steps": 300,
-    "batch_size": 16,
-    "seq_len": 128,
-    "lr": 3e-3,
-    "warmup": 30,
-    "seed": 0,
-    "bf16": False,
+#: The float models lmshrink trains itself with ``lmshrink.distillation.teacher.train_teacher`` on the WikiText-103
+#: train excerpt (genuinely float weights, unlike smollm2-135m's dequantized Q4_1 ones), each kept outside the
+#: repository in ``~/.cache/lmshrink/<name>`` (``LMSHRINK_FLOAT_LLAMA`` moves ``float-llama``).
+#: ``float-llama`` (session 5) is under-trained (perplexity ~340) and so robust that no 4-bit row moves its
+#: perplexity; ``float-llama-256`` is trained ~5x longer on a 2,048-token vocabulary, to a perplexity where 4-bit
+#: damage is measurable, with widths (256, 768) that groups of 128 divide.
+FLOAT_MODELS: dict[str, dict[str, Any]] = {
+    "float-llama": {
+        "data": "wikitext103 (train excerpt, lmshrink.distillation.teacher.load_corpus)",
+        "hidden_size": 384,
+        "num_layers": 4,
+        "num_heads": 6,
+        "vocab_size": 4096,
+        "steps": 300,
+        "batch_size": 16,
+        "seq_len": 128,
+        "lr": 3e-3,
+        "warmup": 30,
+        "seed": 0,
+        "bf16": False,
+    },
+    "float-llama-256": {
+        "data": "wikitext103 (train excerpt, lmshrink.distillation.teacher.load_corpus)",
+        "hidden_size": 256,
+        "num_layers": 4,
+        "num_heads": 4,
+        "intermediate_size": 768,
+        "vocab_size": 2048,
+        "steps": 1600,
+        "batch_size": 16,
+        "seq_len": 128,
+        "lr": 3e-3,
+        "warmup": 50,
+        "seed": 0,
+        "bf16": False,
+    },
 }
+#: Kept for scripts that import it: the first float model's recipe and folder.
+FLOAT_LLAMA_RECIPE = FLOAT_MODELS["float-llama"]
+
+
+def float_model_dir(name: str) -> Path:
+    """Where the float model ``name`` is kept (outside the repository)."""
+    if name == "float-llama" and os.environ.get("LMSHRINK_FLOAT_LLAMA"):
+        return Path(os.environ["LMSHRINK_FLOAT_LLAMA"]).expanduser()
+    return Path("~/.cache/lmshrink").expanduser() / name
+
+
+FLOAT_LLAMA_DIR = float_model_dir("float-llama")
 
 
 # --------------------------------------------------------------------------------------------- float model
 
 
-def train_float_llama(out: Path = FLOAT_LLAMA_DIR, threads: int = 1) -> Path:
-    """Train the float reference with ``lmshrink.distillation.teacher.train_teacher`` and save it to ``out/model``."""
+def train_float_llama(out: Path = FLOAT_LLAMA_DIR, threads: int = 1, name: str = "float-llama") -> Path:
+    """Train the float model ``name`` (a :data:`FLOAT_MODELS` recipe) with
+    ``lmshrink.distillation.teacher.train_teacher`` and save it to ``out/model``."""
     from lmshrink.distillation.teacher import load_corpus, train_teacher
     from lmshrink.distillation.trainer import TrainConfig
     from lmshrink.models import save_model
 
     torch.set_num_threads(threads)
-    r = FLOAT_LLAMA_RECIPE
+    r = FLOAT_MODELS[name]
     cfg = TrainConfig(
         steps=r["steps"],
         batch_size=r["batch_size"],
@@ -126,6 +159,7 @@ def train_float_llama(out: Path = FLOAT_LLAMA_DIR, threads: int = 1) -> Path:
         hidden_size=r["hidden_size"],
         num_layers=r["num_layers"],
         num_heads=r["num_heads"],
+        intermediate_size=r.get("intermediate_size"),
         vocab_size=r["vocab_size"],
         val_text=load_corpus("wikitext103", "validation"),
     )
@@ -136,20 +170,21 @@ def train_float_llama(out: Path = FLOAT_LLAMA_DIR, threads: int = 1) -> Path:
         "train_s": time.perf_counter() - t0,
         "threads": threads,
         "trace": result.trace,
-        "command": "python bench/quantize_table.py --model float-llama --train-only",
+        "command": f"python bench/quantize_table.py --model {name} --train-only --threads {threads}",
     }
     (out / "train_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-    log.info("float-llama: %d parameters, %.0f s, saved to %s", result.parameters, info["train_s"], path)
+    log.info("%s: %d parameters, %.0f s, saved to %s", name, result.parameters, info["train_s"], path)
     return path
 
 
 def resolve_model(spec: str, train_threads: int) -> tuple[str, str]:
-    """``(load spec, label)``; ``float-llama`` is trained first when absent."""
-    if spec == "float-llama":
-        path = FLOAT_LLAMA_DIR / "model"
+    """``(load spec, label)``; a :data:`FLOAT_MODELS` name is trained first when absent."""
+    if spec in FLOAT_MODELS:
+        folder = float_model_dir(spec)
+        path = folder / "model"
         if not (path / "lmshrink.json").is_file():
-            train_float_llama(FLOAT_LLAMA_DIR, train_threads)
-        return str(path), "float-llama"
+            train_float_llama(folder, train_threads, spec)
+        return str(path), spec
     return spec, spec
 
 
@@ -573,7 +608,9 @@ def _write(doc: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> Path | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--model", default="smollm2-135m", help="model spec, or 'float-llama' (trained when absent)"
+        "--model",
+        default="smollm2-135m",
+        help=f"model spec, or one of {', '.join(FLOAT_MODELS)} (trained when absent)",
     )
     p.add_argument(
         "--max-tokens", type=int, default=102400, help="evaluation tokens (cut into --ctx windows)"
@@ -621,7 +658,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         action="store_true",
         help="continue the result file --out (or the default one) from its next window; settings must match",
     )
-    p.add_argument("--train-only", action="store_true", help="with --model float-llama: (re)train and exit")
+    p.add_argument(
+        "--train-only", action="store_true", help="with --model float-llama[-256]: (re)train and exit"
+    )
     p.add_argument(
         "--out", default=None, help="result JSON path (default bench/results/quantize_table_<model>)"
     )
@@ -646,9 +685,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     if device.type not in ("cpu", "cuda"):
         raise SystemExit(f"--device {a.device}: only cpu and cuda are supported")
     if a.train_only:
-        if a.model != "float-llama":
-            raise SystemExit("--train-only needs --model float-llama")
-        train_float_llama(FLOAT_LLAMA_DIR, a.threads)
+        if a.model not in FLOAT_MODELS:
+            raise SystemExit(f"--train-only needs --model {' or '.join(FLOAT_MODELS)}")
+        train_float_llama(float_model_dir(a.model), a.threads, a.model)
         return None
 
     from lmshrink.data import calibration_batches, load_text, tokenize_corpus
@@ -780,8 +819,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         "rows": records,
         "notes": [],
     }
-    if label == "float-llama" and (FLOAT_LLAMA_DIR / "train_info.json").is_file():
-        info = json.loads((FLOAT_LLAMA_DIR / "train_info.json").read_text())
+    if label in FLOAT_MODELS and (float_model_dir(label) / "train_info.json").is_file():
+        info = json.loads((float_model_dir(label) / "train_info.json").read_text())
         doc["float_model"] = {k: info[k] for k in ("recipe", "parameters", "train_s", "threads", "command")}
     run = {
         "command": doc["command"],

@@ -120,3 +120,17 @@ def test_mse_rows_are_the_library_clip_search(tiny_llama) -> None:
     expected = dequantize_codes(quantize_codes(w, scale, zero, grid), scale, zero, grid)
     got = model.model.layers[0].mlp.down_proj.dequantize_weight()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_float_models_have_their_own_folders_and_g128_widths(monkeypatch, tmp_path) -> None:
+    from quantize_table import FLOAT_MODELS, float_model_dir, main
+
+    monkeypatch.delenv("LMSHRINK_FLOAT_LLAMA", raising=False)
+    assert float_model_dir("float-llama-256") == Path("~/.cache/lmshrink/float-llama-256").expanduser()
+    monkeypatch.setenv("LMSHRINK_FLOAT_LLAMA", str(tmp_path / "fl"))
+    assert float_model_dir("float-llama") == tmp_path / "fl"
+    assert float_model_dir("float-llama-256") != tmp_path / "fl"
+    r = FLOAT_MODELS["float-llama-256"]
+    assert r["hidden_size"] % 128 == 0 and r["intermediate_size"] % 128 == 0  # the g128 divides
+    with pytest.raises(SystemExit, match="--train-only needs --model float-llama or float-llama-256"):
+        main(["--model", "smollm2-135m", "--train-only", "--threads", str(torch.get_num_threads())])
