@@ -166,3 +166,17 @@ def test_read_only_directory(saved_llama, tmp_path, capsys):
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o700)
+
+
+def test_error_text_prints_as_written_not_as_markup(monkeypatch, capsys):
+    # rich would swallow "[hub]" as a style tag: the install hint must reach the user intact
+    import lmshrink.cli.evaluate as cli_evaluate
+    from lmshrink.errors import LmshrinkError
+
+    def fail(*_a, **_k):
+        raise LmshrinkError("the optional package 'datasets' is not installed (pip install 'lmshrink[hub]') [/]")
+
+    monkeypatch.setattr(cli_evaluate, "_load", fail)
+    rc = main(["eval", "some-model", "--data", "wikitext2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install 'lmshrink[hub]') [/]" in err and "Traceback" not in err

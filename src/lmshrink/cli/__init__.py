@@ -10,6 +10,8 @@ import importlib
 import logging
 import sys
 
+from rich.markup import escape
+
 from lmshrink.cli.app import app, err_console
 from lmshrink.errors import LmshrinkError
 
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except LmshrinkError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # the message is user-facing text, not rich markup: "pip install 'lmshrink[hub]'" must print as written
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -193,7 +193,7 @@ def train_command(
         print_trace(
             result.trace, f"train: {result.parameters:,} parameters, {result.tokens_per_s:.0f} tokens/s"
         )
-        console.print(f"model saved to {path}")
+        console.print(f"model saved to {path}", markup=False)
 
 
 @app.command("distill")
@@ -315,4 +315,4 @@ def distill_command(
         print_trace(
             result.trace, f"distill ({result.distillation}): student {result.parameters:,} parameters"
         )
-        console.print(f"student saved to {path}")
+        console.print(f"student saved to {path}", markup=False)

@@ -184,7 +184,7 @@ def eval_command(
     console.print(_table(f"lmshrink eval {model}", rows))
     if json_path is not None:
         atomic_write_json(json_path, results)
-        console.print(f"results written to {json_path}")
+        console.print(f"results written to {json_path}", markup=False)
 
 
 def model_info(net: Any, spec: str) -> dict[str, Any]:
@@ -253,4 +253,4 @@ def info_command(
     console.print(_table(f"lmshrink info {model}", rows))
     if json_path is not None:
         atomic_write_json(json_path, info)
-        console.print(f"description written to {json_path}")
+        console.print(f"description written to {json_path}", markup=False)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from lmshrink.cli.app import app, console
 from lmshrink.errors import LmshrinkError
@@ -36,13 +37,13 @@ def run_command(
 
     def on_event(event: str, stage: StageConfig, info: dict[str, Any]) -> None:
         if event == "skipped":
-            console.print(f"[dim]skip[/]  {stage.name} ({stage.type}): unchanged")
+            console.print(f"[dim]skip[/]  {escape(stage.name)} ({stage.type}): unchanged")
         elif event == "start":
-            console.print(f"[bold]run[/]   {stage.name} ({stage.type}) ...")
+            console.print(f"[bold]run[/]   {escape(stage.name)} ({stage.type}) ...")
         elif event == "done":
-            console.print(f"[green]done[/]  {stage.name} in {info['seconds']:.1f} s")
+            console.print(f"[green]done[/]  {escape(stage.name)} in {info['seconds']:.1f} s")
         elif event in ("failed", "interrupted"):
-            console.print(f"[red]{event}[/] {stage.name}")
+            console.print(f"[red]{event}[/] {escape(stage.name)}")
 
     result = run_pipeline(
         r,
@@ -53,12 +54,12 @@ def run_command(
         report=not no_report,
         on_event=on_event,
     )
-    console.print(f"run directory: {result.run_dir}  ({time.perf_counter() - t0:.1f} s)")
+    console.print(f"run directory: {result.run_dir}  ({time.perf_counter() - t0:.1f} s)", markup=False)
     if result.report is not None:
         from lmshrink.report import collect_run, markdown_table
 
         console.print(markdown_table(collect_run(result.run_dir).models), soft_wrap=True, highlight=False)
-        console.print(f"report: {result.report}  and  {result.run_dir / 'report.md'}")
+        console.print(f"report: {result.report}  and  {result.run_dir / 'report.md'}", markup=False)
 
 
 @app.command("report")
@@ -68,7 +69,7 @@ def report_command(run_dir: Path = typer.Argument(..., help="a run directory")) 
 
     out = build_report(run_dir)
     console.print(markdown_table(collect_run(run_dir).models), soft_wrap=True, highlight=False)
-    console.print(f"report: {out}")
+    console.print(f"report: {out}", markup=False)
 
 
 @app.command("compare")
@@ -84,7 +85,7 @@ def compare_command(
     path = compare_runs(run_dirs, out)
     rows = [row for d in run_dirs for row in collect_run(d).models]
     console.print(markdown_table(rows, with_run=True), soft_wrap=True, highlight=False)
-    console.print(f"comparison: {path}")
+    console.print(f"comparison: {path}", markup=False)
 
 
 @app.command("sensitivity")
@@ -160,4 +161,4 @@ def sensitivity_command(
         f"plan: average {plan.average:.3f} (target {target:g}), predicted damage {plan.predicted:.5f}; "
         f"uniform: {', '.join(f'{k}: {v:.5f}' for k, v in plan.uniform.items())}"
     )
-    console.print(f"written: {out}")
+    console.print(f"written: {out}", markup=False)
