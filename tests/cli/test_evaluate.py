@@ -174,7 +174,9 @@ def test_error_text_prints_as_written_not_as_markup(monkeypatch, capsys):
     from lmshrink.errors import LmshrinkError
 
     def fail(*_a, **_k):
-        raise LmshrinkError("the optional package 'datasets' is not installed (pip install 'lmshrink[hub]') [/]")
+        raise LmshrinkError(
+            "the optional package 'datasets' is not installed (pip install 'lmshrink[hub]') [/]"
+        )
 
     monkeypatch.setattr(cli_evaluate, "_load", fail)
     rc = main(["eval", "some-model", "--data", "wikitext2"])
