@@ -375,9 +375,8 @@ def model_rows(
                     lambda model=model, t=t: prefill_ms(model, t, args.prefill_repeats)
                 )
             if dev.type == "cuda":
-                row["gpu_allocated_gib"] = (
-                    torch.cuda.memory_allocated(dev) / 2**30
-                )  # the baseline model included
+                # everything allocated on the GPU at this point, the baseline model included
+                row["gpu_allocated_gib"] = torch.cuda.memory_allocated(dev) / 2**30
             rows.append(row)
             log.info("model %s %s: %s", name, vname, {k: v for k, v in row.items() if k.endswith("_ms")})
             if model is not base:

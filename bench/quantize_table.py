@@ -78,42 +78,37 @@ log = logging.getLogger("quantize_table")
 #: The float models lmshrink trains itself with ``lmshrink.distillation.teacher.train_teacher`` on the WikiText-103
 #: train excerpt (genuinely float weights, unlike smollm2-135m's dequantized Q4_1 ones), each kept outside the
 #: repository in ``~/.cache/lmshrink/<name>`` (``LMSHRINK_FLOAT_LLAMA`` moves ``float-llama``).
-#: ``float-llama`` (session 5) is under-trained (perplexity ~340) and so robust that no 4-bit row moves its
+#: ``float-llama`` is under-trained (perplexity ~340) and so robust that no 4-bit row moves its
 #: perplexity; ``float-llama-256`` is trained ~5x longer on a 2,048-token vocabulary, to a perplexity where 4-bit
 #: damage is measurable, with widths (256, 768) that groups of 128 divide.
+_FLOAT_COMMON: dict[str, Any] = {
+    "data": "wikitext103 (train excerpt, lmshrink.distillation.teacher.load_corpus)",
+    "num_layers": 4,
+    "batch_size": 16,
+    "seq_len": 128,
+    "lr": 3e-3,
+    "seed": 0,
+    "bf16": False,
+}
 FLOAT_MODELS: dict[str, dict[str, Any]] = {
     "float-llama": {
-        "data": "wikitext103 (train excerpt, lmshrink.distillation.teacher.load_corpus)",
+        **_FLOAT_COMMON,
         "hidden_size": 384,
-        "num_layers": 4,
         "num_heads": 6,
         "vocab_size": 4096,
         "steps": 300,
-        "batch_size": 16,
-        "seq_len": 128,
-        "lr": 3e-3,
         "warmup": 30,
-        "seed": 0,
-        "bf16": False,
     },
     "float-llama-256": {
-        "data": "wikitext103 (train excerpt, lmshrink.distillation.teacher.load_corpus)",
+        **_FLOAT_COMMON,
         "hidden_size": 256,
-        "num_layers": 4,
         "num_heads": 4,
         "intermediate_size": 768,
         "vocab_size": 2048,
         "steps": 1600,
-        "batch_size": 16,
-        "seq_len": 128,
-        "lr": 3e-3,
         "warmup": 50,
-        "seed": 0,
-        "bf16": False,
     },
 }
-#: Kept for scripts that import it: the first float model's recipe and folder.
-FLOAT_LLAMA_RECIPE = FLOAT_MODELS["float-llama"]
 
 
 def float_model_dir(name: str) -> Path:
@@ -123,20 +118,18 @@ def float_model_dir(name: str) -> Path:
     return Path("~/.cache/lmshrink").expanduser() / name
 
 
-FLOAT_LLAMA_DIR = float_model_dir("float-llama")
-
-
 # --------------------------------------------------------------------------------------------- float model
 
 
-def train_float_llama(out: Path = FLOAT_LLAMA_DIR, threads: int = 1, name: str = "float-llama") -> Path:
+def train_float_model(name: str, threads: int = 1) -> Path:
     """Train the float model ``name`` (a :data:`FLOAT_MODELS` recipe) with
-    ``lmshrink.distillation.teacher.train_teacher`` and save it to ``out/model``."""
+    ``lmshrink.distillation.teacher.train_teacher`` and save it to ``float_model_dir(name) / "model"``."""
     from lmshrink.distillation.teacher import load_corpus, train_teacher
     from lmshrink.distillation.trainer import TrainConfig
     from lmshrink.models import save_model
 
     torch.set_num_threads(threads)
+    out = float_model_dir(name)
     r = FLOAT_MODELS[name]
     cfg = TrainConfig(
         steps=r["steps"],
@@ -180,10 +173,9 @@ def train_float_llama(out: Path = FLOAT_LLAMA_DIR, threads: int = 1, name: str =
 def resolve_model(spec: str, train_threads: int) -> tuple[str, str]:
     """``(load spec, label)``; a :data:`FLOAT_MODELS` name is trained first when absent."""
     if spec in FLOAT_MODELS:
-        folder = float_model_dir(spec)
-        path = folder / "model"
+        path = float_model_dir(spec) / "model"
         if not (path / "lmshrink.json").is_file():
-            train_float_llama(folder, train_threads, spec)
+            train_float_model(spec, train_threads)
         return str(path), spec
     return spec, spec
 
@@ -687,7 +679,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     if a.train_only:
         if a.model not in FLOAT_MODELS:
             raise SystemExit(f"--train-only needs --model {' or '.join(FLOAT_MODELS)}")
-        train_float_llama(float_model_dir(a.model), a.threads, a.model)
+        train_float_model(a.model, a.threads)
         return None
 
     from lmshrink.data import calibration_batches, load_text, tokenize_corpus
@@ -819,8 +811,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         "rows": records,
         "notes": [],
     }
-    if label in FLOAT_MODELS and (float_model_dir(label) / "train_info.json").is_file():
-        info = json.loads((float_model_dir(label) / "train_info.json").read_text())
+    train_info = float_model_dir(label) / "train_info.json" if label in FLOAT_MODELS else None
+    if train_info is not None and train_info.is_file():
+        info = json.loads(train_info.read_text())
         doc["float_model"] = {k: info[k] for k in ("recipe", "parameters", "train_s", "threads", "command")}
     run = {
         "command": doc["command"],
